@@ -1,0 +1,158 @@
+//! The Kafka event: the one schema both binaries agree on.
+//!
+//! Versioned JSON (`"v": 1`). It carries only sanitized fields and keyed hashes: the raw IP
+//! and User-Agent have no place in it. Decoding re-checks every rule, so a consumer never
+//! writes a value the ingest contract would have refused (such a message is dead-lettered).
+
+use serde::{Deserialize, Serialize};
+
+use crate::click::{ClickId, LandingPath, ReferralCode, UtmValue, ValidClick};
+use crate::hashing::{is_valid_key_id, Digest};
+
+pub const EVENT_VERSION: u16 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickEvent {
+    pub v: u16,
+    pub click_id: String,
+    pub code: String,
+    pub landing_path: String,
+    pub utm_source: String,
+    pub utm_medium: String,
+    pub utm_campaign: String,
+    /// HMAC-SHA-256 of the client IP, lower-case hex.
+    pub ip_hash: String,
+    /// HMAC-SHA-256 of the User-Agent, lower-case hex.
+    pub ua_hash: String,
+    pub key_id: String,
+    pub is_bot: bool,
+    /// When ingest accepted the click, Unix milliseconds.
+    pub received_at_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("not a click event: {0}")]
+    Malformed(String),
+    #[error("unsupported event version {0}")]
+    Version(u16),
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl ClickEvent {
+    pub fn new(
+        click: &ValidClick,
+        ip_hash: &Digest,
+        ua_hash: &Digest,
+        key_id: &str,
+        is_bot: bool,
+        received_at_ms: u64,
+    ) -> Self {
+        Self {
+            v: EVENT_VERSION,
+            click_id: click.click_id.as_str().to_owned(),
+            code: click.code.as_str().to_owned(),
+            landing_path: click.landing_path.as_str().to_owned(),
+            utm_source: click.utm_source.as_str().to_owned(),
+            utm_medium: click.utm_medium.as_str().to_owned(),
+            utm_campaign: click.utm_campaign.as_str().to_owned(),
+            ip_hash: hex::encode(ip_hash),
+            ua_hash: hex::encode(ua_hash),
+            key_id: key_id.to_owned(),
+            is_bot,
+            received_at_ms,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing a struct of strings, bools and integers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses and re-validates an event.
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let event: Self = serde_json::from_slice(payload).map_err(|e| {
+            // Report the position only: the payload may be anything.
+            DecodeError::Malformed(format!("line {} column {}: {:?}", e.line(), e.column(), e.classify()))
+        })?;
+        if event.v != EVENT_VERSION {
+            return Err(DecodeError::Version(event.v));
+        }
+        let invalid = |field: &'static str| move |reason: String| DecodeError::Invalid { field, reason };
+        ClickId::parse(&event.click_id).map_err(invalid("click_id"))?;
+        if event.click_id.trim() != event.click_id {
+            return Err(invalid("click_id")("must be trimmed".into()));
+        }
+        ReferralCode::parse_normalized(&event.code).map_err(invalid("code"))?;
+        LandingPath::parse_normalized(&event.landing_path).map_err(invalid("landing_path"))?;
+        UtmValue::parse_normalized(&event.utm_source).map_err(invalid("utm_source"))?;
+        UtmValue::parse_normalized(&event.utm_medium).map_err(invalid("utm_medium"))?;
+        UtmValue::parse_normalized(&event.utm_campaign).map_err(invalid("utm_campaign"))?;
+        decode_digest(&event.ip_hash).map_err(invalid("ip_hash"))?;
+        decode_digest(&event.ua_hash).map_err(invalid("ua_hash"))?;
+        if !is_valid_key_id(&event.key_id) {
+            return Err(invalid("key_id")("must be 1 to 32 of A-Za-z0-9_-".into()));
+        }
+        Ok(event)
+    }
+}
+
+/// A 64-character lower-case hex digest back to its 32 bytes.
+pub fn decode_digest(hex_digest: &str) -> Result<Digest, String> {
+    let mut out = [0u8; 32];
+    if hex_digest.len() != 64 || hex_digest.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err("must be 64 lower-case hex digits".into());
+    }
+    hex::decode_to_slice(hex_digest, &mut out).map_err(|_| "must be 64 lower-case hex digits".to_string())?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::click::{validate, ClickInput};
+
+    fn sample() -> ClickEvent {
+        let input = ClickInput::from_json(
+            br#"{"code":"a1b2c3d4e5f6","click_id":"refclk_abc","landing_path":"https://x.io/p?q=1","utm_source":"news\u200bletter"}"#,
+        )
+        .expect("json");
+        let click = validate(&input, 12).expect("valid");
+        ClickEvent::new(&click, &[1; 32], &[2; 32], "k1", false, 1_700_000_000_123)
+    }
+
+    #[test]
+    fn round_trips() {
+        let event = sample();
+        assert_eq!(event.landing_path, "/p");
+        assert_eq!(event.utm_source, "newsletter");
+        assert_eq!(ClickEvent::decode(&event.encode()), Ok(event));
+    }
+
+    #[test]
+    fn carries_no_raw_ip_or_user_agent_fields() {
+        let json: serde_json::Value = serde_json::from_slice(&sample().encode()).expect("json");
+        let keys: Vec<_> = json.as_object().expect("object").keys().cloned().collect();
+        assert!(!keys.iter().any(|k| k == "ip" || k == "user_agent" || k == "ua"), "{keys:?}");
+    }
+
+    #[test]
+    fn decode_rejects_what_ingest_would_refuse() {
+        let mut e = sample();
+        e.landing_path = "//evil.com".into();
+        assert!(matches!(ClickEvent::decode(&e.encode()), Err(DecodeError::Invalid { field: "landing_path", .. })));
+        let mut e = sample();
+        e.code = "lower".into();
+        assert!(matches!(ClickEvent::decode(&e.encode()), Err(DecodeError::Invalid { field: "code", .. })));
+        let mut e = sample();
+        e.ip_hash = "zz".into();
+        assert!(matches!(ClickEvent::decode(&e.encode()), Err(DecodeError::Invalid { field: "ip_hash", .. })));
+        let mut e = sample();
+        e.v = 2;
+        assert_eq!(ClickEvent::decode(&e.encode()), Err(DecodeError::Version(2)));
+        assert!(matches!(ClickEvent::decode(b"not json"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(ClickEvent::decode(br#"{"v":1}"#), Err(DecodeError::Malformed(_))));
+    }
+}

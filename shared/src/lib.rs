@@ -1,0 +1,17 @@
+//! The library both binaries share: the click model with its validation and sanitizing
+//! rules, keyed hashing, the versioned Kafka event, bot classification, metric names and
+//! telemetry set-up. Everything here is pure or local, and unit-tested beside the code.
+
+pub mod bot;
+pub mod click;
+pub mod event;
+pub mod hashing;
+pub mod metric_names;
+pub mod telemetry;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
