@@ -1,1 +1,15 @@
-fn main(){}
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    shared::telemetry::init_tracing();
+    let cli = consumer::config::Cli::parse();
+    let command = cli.command.unwrap_or(consumer::config::Command::Run);
+    match consumer::main(command, cli.config, shared::telemetry::shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("consumer: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

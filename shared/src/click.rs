@@ -49,7 +49,11 @@ impl ReferralCode {
     /// Trims, ASCII-uppercases and checks the code against `len`.
     pub fn parse(raw: &str, len: usize) -> Result<Self, String> {
         let code = raw.trim().to_ascii_uppercase();
-        if code.len() == len && code.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()) {
+        if code.len() == len
+            && code
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        {
             Ok(Self(code))
         } else {
             Err(format!("must be {len} letters or digits"))
@@ -60,11 +64,15 @@ impl ReferralCode {
     /// where the configured length is not known (decoding events).
     pub fn parse_normalized(raw: &str) -> Result<Self, String> {
         let ok = (1..=MAX_CODE_LEN).contains(&raw.len())
-            && raw.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
         if ok {
             Ok(Self(raw.to_owned()))
         } else {
-            Err(format!("must be 1 to {MAX_CODE_LEN} upper-case letters or digits"))
+            Err(format!(
+                "must be 1 to {MAX_CODE_LEN} upper-case letters or digits"
+            ))
         }
     }
 
@@ -122,7 +130,8 @@ impl LandingPath {
         let path = if starts_with_ignore_case(trimmed, "http://")
             || starts_with_ignore_case(trimmed, "https://")
         {
-            let url = url::Url::parse(trimmed).map_err(|_| "must be a valid http(s) URL".to_owned())?;
+            let url =
+                url::Url::parse(trimmed).map_err(|_| "must be a valid http(s) URL".to_owned())?;
             if url.host_str().is_none_or(str::is_empty) {
                 return Err("must be a valid http(s) URL".to_owned());
             }
@@ -157,7 +166,10 @@ impl LandingPath {
         if path.len() > LANDING_PATH_MAX_BYTES {
             return Err(format!("must be at most {LANDING_PATH_MAX_BYTES} bytes"));
         }
-        if path.chars().any(|c| c.is_whitespace() || is_control_or_invisible(c)) {
+        if path
+            .chars()
+            .any(|c| c.is_whitespace() || is_control_or_invisible(c))
+        {
             return Err("must not contain spaces, control or invisible characters".to_owned());
         }
         Ok(())
@@ -175,7 +187,10 @@ pub struct UtmValue(String);
 
 impl UtmValue {
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let cleaned: String = raw.chars().filter(|&c| !is_control_or_invisible(c)).collect();
+        let cleaned: String = raw
+            .chars()
+            .filter(|&c| !is_control_or_invisible(c))
+            .collect();
         Self::check(cleaned.trim())
     }
 
@@ -212,8 +227,7 @@ pub fn is_control_or_invisible(c: char) -> bool {
 }
 
 fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
-    s.len() >= prefix.len()
-        && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
 }
 
 /// A JSON value where a string belongs: a string, or anything else (a wrong type).
@@ -289,7 +303,10 @@ impl ClickInput {
         // A derived struct would also accept a JSON array (fields by position): refuse it.
         let first = body.iter().find(|b| !b.is_ascii_whitespace());
         if first.is_some_and(|&b| b != b'{') {
-            let reason = if matches!(first, Some(b'[' | b'"' | b'0'..=b'9' | b'-' | b't' | b'f' | b'n')) {
+            let reason = if matches!(
+                first,
+                Some(b'[' | b'"' | b'0'..=b'9' | b'-' | b't' | b'f' | b'n')
+            ) {
                 "must be a JSON object"
             } else {
                 "invalid JSON at line 1"
@@ -339,34 +356,65 @@ pub fn validate(input: &ClickInput, code_len: usize) -> Result<ValidClick, Vec<F
             .map_err(|reason| errors.push(FieldError::new("code", reason)))
             .ok(),
     };
-    let (click_id, click_id_generated) = match string_field("click_id", &input.click_id, &mut errors) {
-        None => (Some(ClickId::generate()), true),
-        Some(raw) => (
-            ClickId::parse(raw)
-                .map_err(|reason| errors.push(FieldError::new("click_id", reason)))
-                .ok(),
-            false,
-        ),
-    };
-    let landing_path = optional("landing_path", &input.landing_path, LandingPath::parse, &mut errors);
-    let utm_source = optional("utm_source", &input.utm_source, UtmValue::parse, &mut errors);
-    let utm_medium = optional("utm_medium", &input.utm_medium, UtmValue::parse, &mut errors);
-    let utm_campaign = optional("utm_campaign", &input.utm_campaign, UtmValue::parse, &mut errors);
+    let (click_id, click_id_generated) =
+        match string_field("click_id", &input.click_id, &mut errors) {
+            None => (Some(ClickId::generate()), true),
+            Some(raw) => (
+                ClickId::parse(raw)
+                    .map_err(|reason| errors.push(FieldError::new("click_id", reason)))
+                    .ok(),
+                false,
+            ),
+        };
+    let landing_path = optional(
+        "landing_path",
+        &input.landing_path,
+        LandingPath::parse,
+        &mut errors,
+    );
+    let utm_source = optional(
+        "utm_source",
+        &input.utm_source,
+        UtmValue::parse,
+        &mut errors,
+    );
+    let utm_medium = optional(
+        "utm_medium",
+        &input.utm_medium,
+        UtmValue::parse,
+        &mut errors,
+    );
+    let utm_campaign = optional(
+        "utm_campaign",
+        &input.utm_campaign,
+        UtmValue::parse,
+        &mut errors,
+    );
 
-    match (code, click_id, landing_path, utm_source, utm_medium, utm_campaign) {
-        (Some(code), Some(click_id), Some(landing_path), Some(utm_source), Some(utm_medium), Some(utm_campaign))
-            if errors.is_empty() =>
-        {
-            Ok(ValidClick {
-                code,
-                click_id,
-                click_id_generated,
-                landing_path,
-                utm_source,
-                utm_medium,
-                utm_campaign,
-            })
-        }
+    match (
+        code,
+        click_id,
+        landing_path,
+        utm_source,
+        utm_medium,
+        utm_campaign,
+    ) {
+        (
+            Some(code),
+            Some(click_id),
+            Some(landing_path),
+            Some(utm_source),
+            Some(utm_medium),
+            Some(utm_campaign),
+        ) if errors.is_empty() => Ok(ValidClick {
+            code,
+            click_id,
+            click_id_generated,
+            landing_path,
+            utm_source,
+            utm_medium,
+            utm_campaign,
+        }),
         _ => Err(errors),
     }
 }
@@ -455,7 +503,13 @@ mod tests {
 
     #[test]
     fn bad_codes_are_rejected_not_truncated() {
-        for code in ["A1B2C3D4E5F", "A1B2C3D4E5F6X", "A1B2C3-4E5F6", "A1B2C3D4E5FÄ", "A1B2C3\u{200b}D4E5F"] {
+        for code in [
+            "A1B2C3D4E5F",
+            "A1B2C3D4E5F6X",
+            "A1B2C3-4E5F6",
+            "A1B2C3D4E5FÄ",
+            "A1B2C3\u{200b}D4E5F",
+        ] {
             let body = serde_json::json!({ "code": code }).to_string();
             assert_eq!(errors_of(&body)[0].field, "code", "{code}");
         }
@@ -469,9 +523,20 @@ mod tests {
 
     #[test]
     fn wrong_types_are_listed_per_field() {
-        let errors = errors_of(r#"{"code":5,"click_id":[],"landing_path":{},"utm_source":true,"utm_medium":1.5,"utm_campaign":"ok"}"#);
+        let errors = errors_of(
+            r#"{"code":5,"click_id":[],"landing_path":{},"utm_source":true,"utm_medium":1.5,"utm_campaign":"ok"}"#,
+        );
         let fields: Vec<_> = errors.iter().map(|e| e.field).collect();
-        assert_eq!(fields, ["code", "click_id", "landing_path", "utm_source", "utm_medium"]);
+        assert_eq!(
+            fields,
+            [
+                "code",
+                "click_id",
+                "landing_path",
+                "utm_source",
+                "utm_medium"
+            ]
+        );
         assert!(errors.iter().all(|e| e.reason == "must be a string"));
     }
 
@@ -490,7 +555,14 @@ mod tests {
     fn click_id_rules() {
         assert!(ClickId::parse("refclk_a").is_ok());
         assert!(ClickId::parse(&format!("refclk_{}", "a".repeat(64))).is_ok());
-        for bad in ["refclk_", "clk_abc", "refclk_a b", "refclk_ä", "REFCLK_abc", &format!("refclk_{}", "a".repeat(65))] {
+        for bad in [
+            "refclk_",
+            "clk_abc",
+            "refclk_a b",
+            "refclk_ä",
+            "REFCLK_abc",
+            &format!("refclk_{}", "a".repeat(65)),
+        ] {
             assert!(ClickId::parse(bad).is_err(), "{bad}");
         }
     }
@@ -503,7 +575,16 @@ mod tests {
         assert_eq!(ok("https://example.com/a/b?x=1#y"), "/a/b");
         assert_eq!(ok("HTTP://example.com"), "/");
         assert_eq!(ok(""), "");
-        for bad in ["pricing", "//evil.com/x", "/\\evil.com", "javascript:alert(1)", "ftp://x/y", "/a b", "/a\u{202e}b", "/a\u{0}b"] {
+        for bad in [
+            "pricing",
+            "//evil.com/x",
+            "/\\evil.com",
+            "javascript:alert(1)",
+            "ftp://x/y",
+            "/a b",
+            "/a\u{202e}b",
+            "/a\u{0}b",
+        ] {
             assert!(LandingPath::parse(bad).is_err(), "{bad:?}");
         }
         assert!(LandingPath::parse(&format!("/{}", "a".repeat(2047))).is_ok());
@@ -523,10 +604,21 @@ mod tests {
 
     #[test]
     fn body_errors_do_not_quote_input() {
-        for body in ["", "nope<script>", "[1,2]", "\"str\"", "{\"code\":\"A\"", "{} trailing"] {
+        for body in [
+            "",
+            "nope<script>",
+            "[1,2]",
+            "\"str\"",
+            "{\"code\":\"A\"",
+            "{} trailing",
+        ] {
             let err = ClickInput::from_json(body.as_bytes()).expect_err(body);
             assert_eq!(err.field, "body");
-            assert!(!err.reason.contains("script") && !err.reason.contains("str"), "{}", err.reason);
+            assert!(
+                !err.reason.contains("script") && !err.reason.contains("str"),
+                "{}",
+                err.reason
+            );
         }
         let dup = ClickInput::from_json(br#"{"code":"A","code":"B"}"#).expect_err("duplicate");
         assert_eq!(dup.reason, "must not repeat a field");
@@ -534,7 +626,11 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_ignored() {
-        assert!(validate(&input(r#"{"code":"A1B2C3D4E5F6","extra":{"deep":[1,2]}}"#), 12).is_ok());
+        assert!(validate(
+            &input(r#"{"code":"A1B2C3D4E5F6","extra":{"deep":[1,2]}}"#),
+            12
+        )
+        .is_ok());
     }
 
     proptest! {

@@ -75,12 +75,18 @@ impl ClickEvent {
     pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
         let event: Self = serde_json::from_slice(payload).map_err(|e| {
             // Report the position only: the payload may be anything.
-            DecodeError::Malformed(format!("line {} column {}: {:?}", e.line(), e.column(), e.classify()))
+            DecodeError::Malformed(format!(
+                "line {} column {}: {:?}",
+                e.line(),
+                e.column(),
+                e.classify()
+            ))
         })?;
         if event.v != EVENT_VERSION {
             return Err(DecodeError::Version(event.v));
         }
-        let invalid = |field: &'static str| move |reason: String| DecodeError::Invalid { field, reason };
+        let invalid =
+            |field: &'static str| move |reason: String| DecodeError::Invalid { field, reason };
         ClickId::parse(&event.click_id).map_err(invalid("click_id"))?;
         if event.click_id.trim() != event.click_id {
             return Err(invalid("click_id")("must be trimmed".into()));
@@ -105,7 +111,8 @@ pub fn decode_digest(hex_digest: &str) -> Result<Digest, String> {
     if hex_digest.len() != 64 || hex_digest.bytes().any(|b| b.is_ascii_uppercase()) {
         return Err("must be 64 lower-case hex digits".into());
     }
-    hex::decode_to_slice(hex_digest, &mut out).map_err(|_| "must be 64 lower-case hex digits".to_string())?;
+    hex::decode_to_slice(hex_digest, &mut out)
+        .map_err(|_| "must be 64 lower-case hex digits".to_string())?;
     Ok(out)
 }
 
@@ -135,24 +142,53 @@ mod tests {
     fn carries_no_raw_ip_or_user_agent_fields() {
         let json: serde_json::Value = serde_json::from_slice(&sample().encode()).expect("json");
         let keys: Vec<_> = json.as_object().expect("object").keys().cloned().collect();
-        assert!(!keys.iter().any(|k| k == "ip" || k == "user_agent" || k == "ua"), "{keys:?}");
+        assert!(
+            !keys
+                .iter()
+                .any(|k| k == "ip" || k == "user_agent" || k == "ua"),
+            "{keys:?}"
+        );
     }
 
     #[test]
     fn decode_rejects_what_ingest_would_refuse() {
         let mut e = sample();
         e.landing_path = "//evil.com".into();
-        assert!(matches!(ClickEvent::decode(&e.encode()), Err(DecodeError::Invalid { field: "landing_path", .. })));
+        assert!(matches!(
+            ClickEvent::decode(&e.encode()),
+            Err(DecodeError::Invalid {
+                field: "landing_path",
+                ..
+            })
+        ));
         let mut e = sample();
         e.code = "lower".into();
-        assert!(matches!(ClickEvent::decode(&e.encode()), Err(DecodeError::Invalid { field: "code", .. })));
+        assert!(matches!(
+            ClickEvent::decode(&e.encode()),
+            Err(DecodeError::Invalid { field: "code", .. })
+        ));
         let mut e = sample();
         e.ip_hash = "zz".into();
-        assert!(matches!(ClickEvent::decode(&e.encode()), Err(DecodeError::Invalid { field: "ip_hash", .. })));
+        assert!(matches!(
+            ClickEvent::decode(&e.encode()),
+            Err(DecodeError::Invalid {
+                field: "ip_hash",
+                ..
+            })
+        ));
         let mut e = sample();
         e.v = 2;
-        assert_eq!(ClickEvent::decode(&e.encode()), Err(DecodeError::Version(2)));
-        assert!(matches!(ClickEvent::decode(b"not json"), Err(DecodeError::Malformed(_))));
-        assert!(matches!(ClickEvent::decode(br#"{"v":1}"#), Err(DecodeError::Malformed(_))));
+        assert_eq!(
+            ClickEvent::decode(&e.encode()),
+            Err(DecodeError::Version(2))
+        );
+        assert!(matches!(
+            ClickEvent::decode(b"not json"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            ClickEvent::decode(br#"{"v":1}"#),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 }

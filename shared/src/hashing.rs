@@ -39,7 +39,8 @@ impl KeyedHasher {
         if !is_valid_key_id(key_id) {
             return Err(KeyError::BadKeyId);
         }
-        let prepared = Hmac::<Sha256>::new_from_slice(key).map_err(|_| KeyError::TooShort(key.len()))?;
+        let prepared =
+            Hmac::<Sha256>::new_from_slice(key).map_err(|_| KeyError::TooShort(key.len()))?;
         Ok(Self {
             prepared,
             key_id: key_id.to_owned(),
@@ -59,13 +60,17 @@ impl KeyedHasher {
 
 impl fmt::Debug for KeyedHasher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyedHasher").field("key_id", &self.key_id).finish_non_exhaustive()
+        f.debug_struct("KeyedHasher")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
     }
 }
 
 pub fn is_valid_key_id(key_id: &str) -> bool {
     (1..=32).contains(&key_id.len())
-        && key_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && key_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 #[cfg(test)]
@@ -81,7 +86,10 @@ mod tests {
         let h = KeyedHasher::new(KEY, "k1").expect("key");
         let mut reference = Hmac::<Sha256>::new_from_slice(KEY).expect("key");
         reference.update(b"203.0.113.7");
-        assert_eq!(h.hash(b"203.0.113.7").as_slice(), reference.finalize().into_bytes().as_slice());
+        assert_eq!(
+            h.hash(b"203.0.113.7").as_slice(),
+            reference.finalize().into_bytes().as_slice()
+        );
     }
 
     #[test]
@@ -101,7 +109,10 @@ mod tests {
 
     #[test]
     fn short_keys_and_bad_ids_are_refused() {
-        assert_eq!(KeyedHasher::new(b"short", "k1").err(), Some(KeyError::TooShort(5)));
+        assert_eq!(
+            KeyedHasher::new(b"short", "k1").err(),
+            Some(KeyError::TooShort(5))
+        );
         assert_eq!(KeyedHasher::new(KEY, "").err(), Some(KeyError::BadKeyId));
         assert_eq!(KeyedHasher::new(KEY, "k 1").err(), Some(KeyError::BadKeyId));
     }

@@ -1,0 +1,313 @@
+//! Typed configuration from flags and `CONSUMER_*` environment variables, validated at
+//! start-up with a message naming the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "consumer",
+    about = "Batches referral clicks from Kafka into ClickHouse, exactly once"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum Command {
+    /// Consume until SIGTERM (the default).
+    Run,
+    /// Create the topics and apply the ClickHouse migrations, then exit.
+    Setup,
+    /// Apply the ClickHouse migrations, then exit.
+    Migrate,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "CONSUMER_LISTEN",
+        default_value = "127.0.0.1:9101",
+        global = true
+    )]
+    pub listen: SocketAddr,
+
+    #[arg(
+        long,
+        env = "CONSUMER_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
+    pub kafka_brokers: String,
+
+    #[arg(
+        long,
+        env = "CONSUMER_KAFKA_TOPIC",
+        default_value = "referral_clicks",
+        global = true
+    )]
+    pub kafka_topic: String,
+
+    /// Where undecodable or invalid messages go, with the reason in a header.
+    #[arg(
+        long,
+        env = "CONSUMER_DLQ_TOPIC",
+        default_value = "referral_clicks_dlq",
+        global = true
+    )]
+    pub dlq_topic: String,
+
+    #[arg(
+        long,
+        env = "CONSUMER_GROUP_ID",
+        default_value = "referral-clicks-clickhouse",
+        global = true
+    )]
+    pub group_id: String,
+
+    /// Partitions of the topics `setup` creates.
+    #[arg(
+        long,
+        env = "CONSUMER_TOPIC_PARTITIONS",
+        default_value_t = 8,
+        global = true
+    )]
+    pub topic_partitions: i32,
+
+    /// Replication factor of the topics `setup` creates.
+    #[arg(
+        long,
+        env = "CONSUMER_TOPIC_REPLICATION",
+        default_value_t = 1,
+        global = true
+    )]
+    pub topic_replication: i32,
+
+    #[arg(
+        long,
+        env = "CONSUMER_CLICKHOUSE_URL",
+        default_value = "http://127.0.0.1:8123",
+        global = true
+    )]
+    pub clickhouse_url: String,
+
+    #[arg(
+        long,
+        env = "CONSUMER_CLICKHOUSE_DATABASE",
+        default_value = "referrals",
+        global = true
+    )]
+    pub clickhouse_database: String,
+
+    #[arg(
+        long,
+        env = "CONSUMER_CLICKHOUSE_TABLE",
+        default_value = "referral_clicks",
+        global = true
+    )]
+    pub clickhouse_table: String,
+
+    #[arg(
+        long,
+        env = "CONSUMER_CLICKHOUSE_USER",
+        default_value = "default",
+        global = true
+    )]
+    pub clickhouse_user: String,
+
+    #[arg(
+        long,
+        env = "CONSUMER_CLICKHOUSE_PASSWORD",
+        default_value = "",
+        hide_env_values = true,
+        global = true
+    )]
+    pub clickhouse_password: String,
+
+    /// Flush when this many rows are buffered.
+    #[arg(
+        long,
+        env = "CONSUMER_BATCH_MAX_ROWS",
+        default_value_t = 50_000,
+        global = true
+    )]
+    pub batch_max_rows: usize,
+
+    /// Flush when the oldest buffered row is this old.
+    #[arg(
+        long,
+        env = "CONSUMER_BATCH_MAX_AGE_MS",
+        default_value_t = 1000,
+        global = true
+    )]
+    pub batch_max_age_ms: u64,
+
+    /// Fetching pauses above this many buffered rows (ClickHouse slow or down).
+    #[arg(
+        long,
+        env = "CONSUMER_MAX_BUFFERED_ROWS",
+        default_value_t = 200_000,
+        global = true
+    )]
+    pub max_buffered_rows: usize,
+
+    /// A click id seen again within this window is the same click (a client retry).
+    #[arg(
+        long,
+        env = "CONSUMER_DEDUP_WINDOW_SECS",
+        default_value_t = 3600,
+        global = true
+    )]
+    pub dedup_window_secs: u64,
+
+    /// Most click ids remembered per partition for the retry check.
+    #[arg(
+        long,
+        env = "CONSUMER_DEDUP_MAX_IDS",
+        default_value_t = 1_000_000,
+        global = true
+    )]
+    pub dedup_max_ids: usize,
+
+    /// Timeout of one insert attempt.
+    #[arg(
+        long,
+        env = "CONSUMER_INSERT_TIMEOUT_MS",
+        default_value_t = 30_000,
+        global = true
+    )]
+    pub insert_timeout_ms: u64,
+
+    /// Longest wait between insert retries (exponential backoff from 100 ms).
+    #[arg(
+        long,
+        env = "CONSUMER_RETRY_MAX_BACKOFF_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub retry_max_backoff_ms: u64,
+
+    /// Apply migrations when `run` starts.
+    #[arg(long, env = "CONSUMER_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub migrate_on_start: bool,
+
+    /// On SIGTERM, how long the last insert may keep retrying before giving up (nothing
+    /// is committed then, so the clicks are read again by the next consumer).
+    #[arg(
+        long,
+        env = "CONSUMER_SHUTDOWN_GRACE_SECS",
+        default_value_t = 25,
+        global = true
+    )]
+    pub shutdown_grace_secs: u64,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), String> {
+        let ident = |name: &str, value: &str| {
+            let ok = !value.is_empty()
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !value.as_bytes()[0].is_ascii_digit();
+            if ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{name}: must be a plain identifier (letters, digits, _)"
+                ))
+            }
+        };
+        ident("CONSUMER_CLICKHOUSE_DATABASE", &self.clickhouse_database)?;
+        ident("CONSUMER_CLICKHOUSE_TABLE", &self.clickhouse_table)?;
+        if !(self.clickhouse_url.starts_with("http://")
+            || self.clickhouse_url.starts_with("https://"))
+        {
+            return Err("CONSUMER_CLICKHOUSE_URL: must be an http(s) URL".into());
+        }
+        if self.kafka_topic.is_empty()
+            || self.dlq_topic.is_empty()
+            || self.kafka_topic == self.dlq_topic
+        {
+            return Err(
+                "CONSUMER_KAFKA_TOPIC and CONSUMER_DLQ_TOPIC: must be set and differ".into(),
+            );
+        }
+        if self.group_id.is_empty() {
+            return Err("CONSUMER_GROUP_ID: must not be empty".into());
+        }
+        if self.batch_max_rows == 0 {
+            return Err("CONSUMER_BATCH_MAX_ROWS: must be at least 1".into());
+        }
+        if self.max_buffered_rows < self.batch_max_rows {
+            return Err(
+                "CONSUMER_MAX_BUFFERED_ROWS: must be at least CONSUMER_BATCH_MAX_ROWS".into(),
+            );
+        }
+        if self.batch_max_age_ms == 0
+            || self.insert_timeout_ms == 0
+            || self.retry_max_backoff_ms < 100
+        {
+            return Err("CONSUMER_BATCH_MAX_AGE_MS, CONSUMER_INSERT_TIMEOUT_MS: at least 1; CONSUMER_RETRY_MAX_BACKOFF_MS: at least 100".into());
+        }
+        if !(1..=10_000).contains(&self.topic_partitions) || self.topic_replication < 1 {
+            return Err(
+                "CONSUMER_TOPIC_PARTITIONS: 1 to 10000; CONSUMER_TOPIC_REPLICATION: at least 1"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn batch_max_age(&self) -> Duration {
+        Duration::from_millis(self.batch_max_age_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_subcommand_optional() {
+        let cli = Cli::try_parse_from(["consumer"]).expect("parses");
+        assert!(cli.command.is_none());
+        assert!(cli.config.validate().is_ok());
+        assert_eq!(cli.config.listen.to_string(), "127.0.0.1:9101");
+        let cli =
+            Cli::try_parse_from(["consumer", "setup", "--topic-partitions", "4"]).expect("parses");
+        assert!(matches!(cli.command, Some(Command::Setup)));
+        assert_eq!(cli.config.topic_partitions, 4);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let cli =
+            Cli::try_parse_from(["consumer", "--clickhouse-table", "x; DROP"]).expect("parses");
+        assert!(cli
+            .config
+            .validate()
+            .expect_err("bad")
+            .starts_with("CONSUMER_CLICKHOUSE_TABLE"));
+        let cli = Cli::try_parse_from([
+            "consumer",
+            "--batch-max-rows",
+            "10",
+            "--max-buffered-rows",
+            "5",
+        ])
+        .expect("parses");
+        assert!(cli
+            .config
+            .validate()
+            .expect_err("bad")
+            .starts_with("CONSUMER_MAX_BUFFERED_ROWS"));
+    }
+}

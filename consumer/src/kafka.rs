@@ -1,0 +1,204 @@
+//! Kafka plumbing of the consumer: the group member and its context (rebalance events and
+//! lag from librdkafka statistics), topic creation, and the dead-letter producer.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext};
+
+use crate::config::Config;
+use shared::metric_names as m;
+
+/// What a rebalance did, as seen by the loop after `recv()` returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rebalanced {
+    Revoked(Vec<i32>),
+    Assigned(Vec<i32>),
+}
+
+/// Rebalance callbacks run inside `recv()`, on the loop's own task, so no insert is in
+/// flight when they run. They only record what happened; the loop acts on it before it
+/// handles the next message.
+pub struct Context {
+    topic: String,
+    events: Mutex<Vec<Rebalanced>>,
+}
+
+impl Context {
+    pub fn take_events(&self) -> Vec<Rebalanced> {
+        self.events
+            .lock()
+            .map(|mut e| std::mem::take(&mut *e))
+            .unwrap_or_default()
+    }
+
+    fn record(&self, event: Rebalanced) {
+        if let Ok(mut events) = self.events.lock() {
+            events.push(event);
+        }
+    }
+
+    fn partitions(&self, tpl: &rdkafka::TopicPartitionList) -> Vec<i32> {
+        tpl.elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect()
+    }
+}
+
+impl ClientContext for Context {
+    fn stats(&self, stats: Statistics) {
+        if let Some(topic) = stats.topics.get(&self.topic) {
+            for (partition, p) in &topic.partitions {
+                if *partition < 0 {
+                    continue;
+                }
+                // -1: not assigned to this member; report 0 so sums over members are right.
+                let lag = if p.consumer_lag >= 0 {
+                    p.consumer_lag as f64
+                } else {
+                    0.0
+                };
+                metrics::gauge!(m::PARTITION_LAG, "partition" => partition.to_string()).set(lag);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts = self.partitions(tpl);
+            tracing::info!(partitions = ?parts, "partitions revoked");
+            self.record(Rebalanced::Revoked(parts));
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts = self.partitions(tpl);
+            tracing::info!(partitions = ?parts, "partitions assigned");
+            self.record(Rebalanced::Assigned(parts));
+        }
+    }
+}
+
+pub type Consumer = StreamConsumer<Context>;
+
+pub fn consumer(config: &Config) -> rdkafka::error::KafkaResult<Consumer> {
+    let context = Context {
+        topic: config.kafka_topic.clone(),
+        events: Mutex::new(Vec::new()),
+    };
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .set("group.id", &config.group_id)
+        .set("client.id", "referral-consumer")
+        // Offsets are committed by hand, only after ClickHouse accepted the rows.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // A dead member's partitions move on within ~10 s.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        // Freshness: do not hold fetches long when the topic is quiet.
+        .set("fetch.wait.max.ms", "100")
+        .set("statistics.interval.ms", "5000")
+        .set("reconnect.backoff.max.ms", "1000")
+        .create_with_context(context)
+}
+
+/// Idempotent, acks=all producer for dead letters.
+pub fn dlq_producer(config: &Config) -> rdkafka::error::KafkaResult<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .set("client.id", "referral-consumer-dlq")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000")
+        .create()
+}
+
+/// A message that cannot become a row: its bytes and where it came from.
+pub struct DeadLetter<'a> {
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    pub partition: i32,
+    pub offset: i64,
+    pub reason: &'a str,
+}
+
+/// Publishes a dead letter, retrying until the broker takes it: skipping it would lose
+/// the message, since its offset is committed with the next batch.
+pub async fn send_dead_letter(producer: &FutureProducer, config: &Config, letter: &DeadLetter<'_>) {
+    let partition = letter.partition.to_string();
+    let offset = letter.offset.to_string();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "dlq_reason",
+                value: Some(letter.reason),
+            })
+            .insert(Header {
+                key: "source_topic",
+                value: Some(config.kafka_topic.as_str()),
+            })
+            .insert(Header {
+                key: "source_partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "source_offset",
+                value: Some(offset.as_str()),
+            });
+        let mut record = FutureRecord::to(&config.dlq_topic)
+            .payload(letter.payload)
+            .headers(headers);
+        if let Some(key) = letter.key {
+            record = record.key(key);
+        }
+        match producer.send(record, Duration::from_secs(5)).await {
+            Ok(_) => return,
+            Err((e, _)) => {
+                tracing::warn!(error = %e, "dead letter not accepted; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Creates the clicks and dead-letter topics; existing topics are left as they are.
+pub async fn create_topics(config: &Config) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .create()?;
+    let replication = || TopicReplication::Fixed(config.topic_replication);
+    let topics = [
+        NewTopic::new(&config.kafka_topic, config.topic_partitions, replication()),
+        NewTopic::new(
+            &config.dlq_topic,
+            config.topic_partitions.min(4),
+            replication(),
+        ),
+    ];
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&topics, &options).await? {
+        match result {
+            Ok(name) => tracing::info!(topic = %name, "topic created"),
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                tracing::info!(topic = %name, "topic exists")
+            }
+            Err((name, code)) => anyhow::bail!("creating topic {name}: {code}"),
+        }
+    }
+    Ok(())
+}

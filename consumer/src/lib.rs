@@ -1,0 +1,95 @@
+//! `consumer`: a Kafka consumer-group member that writes referral clicks into ClickHouse
+//! in batches, exactly once (see [`pipeline`] for the invariants).
+
+pub mod batch;
+pub mod config;
+pub mod kafka;
+pub mod migrations;
+pub mod ops;
+pub mod pipeline;
+pub mod row;
+pub mod writer;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use config::{Command, Config};
+
+pub async fn main(
+    command: Command,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    match command {
+        Command::Migrate => migrate(&config).await,
+        Command::Setup => {
+            kafka::create_topics(&config).await?;
+            migrate(&config).await
+        }
+        Command::Run => run(config, shutdown).await,
+    }
+}
+
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let client = writer::base_client(config);
+    let applied = migrations::apply(
+        &client,
+        &config.clickhouse_database,
+        &config.clickhouse_table,
+    )
+    .await?;
+    tracing::info!(?applied, database = %config.clickhouse_database, "migrations up to date");
+    Ok(())
+}
+
+async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = shared::telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    let listener = TcpListener::bind(config.listen).await?;
+    let health = Arc::new(ops::Health::default());
+    let stop_ops = CancellationToken::new();
+    tokio::spawn(ops::serve(
+        listener,
+        Arc::clone(&health),
+        metrics,
+        stop_ops.clone(),
+    ));
+
+    if config.migrate_on_start {
+        // ClickHouse may still be starting: retry instead of failing the process.
+        let mut wait = std::time::Duration::from_millis(200);
+        while let Err(e) = migrate(&config).await {
+            tracing::warn!(error = %e, "migrations not applied yet; retrying");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(10));
+        }
+    }
+
+    let writer = writer::Writer::new(&config);
+    let consumer = Arc::new(kafka::consumer(&config)?);
+    let dlq = kafka::dlq_producer(&config)?;
+    ops::spawn_health_checks(
+        Arc::clone(&health),
+        writer.clone(),
+        Arc::clone(&consumer),
+        config.kafka_topic.clone(),
+    );
+    tracing::info!(listen = %config.listen, topic = %config.kafka_topic, group = %config.group_id, "consumer started");
+
+    let stop = CancellationToken::new();
+    let trigger = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+    let result = pipeline::Pipeline::new(config, consumer, dlq, writer)
+        .run(stop)
+        .await;
+    stop_ops.cancel();
+    result
+}

@@ -1,0 +1,57 @@
+//! The row of `referral_clicks`, built from a decoded event and where it sat in Kafka.
+
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+
+use shared::event::{decode_digest, ClickEvent};
+
+/// Field order and types match `deploy/clickhouse/0001_referral_clicks.sql` (RowBinary
+/// carries no names on 18.16, so order matters). `inserted_at` is left to its default.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct ClickRow {
+    pub click_id: String,
+    pub code: String,
+    pub landing_path: String,
+    pub utm_source: String,
+    pub utm_medium: String,
+    pub utm_campaign: String,
+    pub ip_hash: [u8; 32],
+    pub ua_hash: [u8; 32],
+    pub key_id: String,
+    pub is_bot: u8,
+    /// DateTime: seconds since the epoch.
+    pub received_at: u32,
+    pub received_at_ms: u64,
+    pub kafka_topic: String,
+    pub kafka_partition: u16,
+    pub kafka_offset: u64,
+}
+
+impl ClickRow {
+    /// `event` must come from [`ClickEvent::decode`], which checked the hashes.
+    pub fn new(
+        event: ClickEvent,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            ip_hash: decode_digest(&event.ip_hash)?,
+            ua_hash: decode_digest(&event.ua_hash)?,
+            click_id: event.click_id,
+            code: event.code,
+            landing_path: event.landing_path,
+            utm_source: event.utm_source,
+            utm_medium: event.utm_medium,
+            utm_campaign: event.utm_campaign,
+            key_id: event.key_id,
+            is_bot: u8::from(event.is_bot),
+            received_at: u32::try_from(event.received_at_ms / 1000)
+                .map_err(|_| "received_at out of range")?,
+            received_at_ms: event.received_at_ms,
+            kafka_topic: topic.to_owned(),
+            kafka_partition: u16::try_from(partition).map_err(|_| "partition out of range")?,
+            kafka_offset: u64::try_from(offset).map_err(|_| "negative offset")?,
+        })
+    }
+}

@@ -1,0 +1,304 @@
+//! Typed configuration from flags and `INGEST_*` environment variables, validated at
+//! start-up: a wrong value stops the process with a message naming the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use ipnet::IpNet;
+
+use shared::click::MAX_CODE_LEN;
+use shared::hashing::KeyedHasher;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "ingest",
+    about = "Referral click endpoint: validates, hashes and publishes clicks to Kafka"
+)]
+pub struct Config {
+    /// Address of the API, /metrics, /healthz and /readyz.
+    #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "INGEST_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+
+    /// Topic the clicks are published to.
+    #[arg(long, env = "INGEST_KAFKA_TOPIC", default_value = "referral_clicks")]
+    pub kafka_topic: String,
+
+    /// Extra librdkafka producer properties, `key=value` separated by commas
+    /// (e.g. `security.protocol=SASL_SSL,sasl.mechanisms=PLAIN`).
+    #[arg(long, env = "INGEST_KAFKA_PROPERTIES", default_value = "", value_parser = parse_properties)]
+    pub kafka_properties: Properties,
+
+    /// Secret key of the IP/User-Agent hashes, at least 32 bytes. Required; never logged.
+    #[arg(long, env = "INGEST_HASH_KEY", hide_env_values = true)]
+    pub hash_key: String,
+
+    /// Id stored beside each hash, so the key can be rotated.
+    #[arg(long, env = "INGEST_HASH_KEY_ID", default_value = "k1")]
+    pub hash_key_id: String,
+
+    /// Length of a referral code.
+    #[arg(long, env = "INGEST_CODE_LENGTH", default_value_t = 12)]
+    pub code_length: usize,
+
+    /// Largest request body after gzip decoding, in bytes.
+    #[arg(long, env = "INGEST_BODY_LIMIT_BYTES", default_value_t = 16 * 1024)]
+    pub body_limit_bytes: usize,
+
+    /// Requests a minute per client IP (token bucket refill).
+    #[arg(long, env = "INGEST_RATE_LIMIT_PER_MINUTE", default_value_t = 120)]
+    pub rate_limit_per_minute: u32,
+
+    /// Burst size of the per-IP token bucket.
+    #[arg(long, env = "INGEST_RATE_LIMIT_BURST", default_value_t = 20)]
+    pub rate_limit_burst: u32,
+
+    /// CIDRs of proxies whose X-Forwarded-For / Forwarded headers are believed, comma-separated.
+    #[arg(long, env = "INGEST_TRUSTED_PROXIES", default_value = "", value_parser = parse_cidrs)]
+    pub trusted_proxies: Cidrs,
+
+    /// Origins allowed to post from a browser (CORS), comma-separated; `*` for any.
+    #[arg(long, env = "INGEST_CORS_ORIGINS", default_value = "")]
+    pub cors_origins: String,
+
+    /// Name of the click cookie set on success; empty: no cookie.
+    #[arg(long, env = "INGEST_COOKIE_NAME", default_value = "")]
+    pub cookie_name: String,
+
+    /// Domain attribute of the click cookie; empty: host-only.
+    #[arg(long, env = "INGEST_COOKIE_DOMAIN", default_value = "")]
+    pub cookie_domain: String,
+
+    /// Max-Age of the click cookie, in seconds.
+    #[arg(long, env = "INGEST_COOKIE_MAX_AGE_SECS", default_value_t = 30 * 24 * 3600)]
+    pub cookie_max_age_secs: u64,
+
+    /// How long a request waits for the broker's acknowledgement before a 503.
+    #[arg(long, env = "INGEST_PRODUCE_TIMEOUT_MS", default_value_t = 5000)]
+    pub produce_timeout_ms: u64,
+
+    /// Producer queue bound (messages); when full, requests get 503 at once.
+    #[arg(long, env = "INGEST_QUEUE_MAX_MESSAGES", default_value_t = 100_000)]
+    pub queue_max_messages: u32,
+
+    /// Producer linger: how long librdkafka waits to fill a batch.
+    #[arg(long, env = "INGEST_LINGER_MS", default_value_t = 5)]
+    pub linger_ms: u64,
+
+    /// Time a client has to send the request headers.
+    #[arg(long, env = "INGEST_HEADER_TIMEOUT_MS", default_value_t = 5000)]
+    pub header_timeout_ms: u64,
+
+    /// Time a client has to send the whole body.
+    #[arg(long, env = "INGEST_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_timeout_ms: u64,
+
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, env = "INGEST_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Properties(pub Vec<(String, String)>);
+
+#[derive(Debug, Clone, Default)]
+pub struct Cidrs(pub Vec<IpNet>);
+
+fn parse_properties(s: &str) -> Result<Properties, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| format!("`{pair}` is not key=value"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Properties)
+}
+
+fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|c| {
+            c.parse::<IpNet>()
+                .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("`{c}` is not an IP address or CIDR"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Cidrs)
+}
+
+/// Everything derived from the config that can fail, checked once at start-up.
+pub struct Validated {
+    pub hasher: KeyedHasher,
+    pub cors: CorsOrigins,
+}
+
+#[derive(Debug, Clone)]
+pub enum CorsOrigins {
+    Any,
+    List(Vec<String>),
+}
+
+impl CorsOrigins {
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<Validated, String> {
+        let hasher =
+            KeyedHasher::new(self.hash_key.as_bytes(), &self.hash_key_id).map_err(|e| match e {
+                shared::hashing::KeyError::TooShort(_) => format!("INGEST_HASH_KEY: {e}"),
+                shared::hashing::KeyError::BadKeyId => format!("INGEST_HASH_KEY_ID: {e}"),
+            })?;
+        if !(1..=MAX_CODE_LEN).contains(&self.code_length) {
+            return Err(format!("INGEST_CODE_LENGTH: must be 1 to {MAX_CODE_LEN}"));
+        }
+        if self.body_limit_bytes < 64 || self.body_limit_bytes > 1 << 20 {
+            return Err("INGEST_BODY_LIMIT_BYTES: must be 64 to 1048576".into());
+        }
+        if self.rate_limit_per_minute == 0 || self.rate_limit_burst == 0 {
+            return Err(
+                "INGEST_RATE_LIMIT_PER_MINUTE and INGEST_RATE_LIMIT_BURST: must be at least 1"
+                    .into(),
+            );
+        }
+        if self.kafka_topic.is_empty() || self.kafka_brokers.is_empty() {
+            return Err("INGEST_KAFKA_TOPIC and INGEST_KAFKA_BROKERS: must not be empty".into());
+        }
+        if self.produce_timeout_ms < 100 {
+            return Err("INGEST_PRODUCE_TIMEOUT_MS: must be at least 100".into());
+        }
+        if self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
+            return Err(
+                "INGEST_HEADER_TIMEOUT_MS and INGEST_BODY_TIMEOUT_MS: must be at least 1".into(),
+            );
+        }
+        if !self.cookie_name.is_empty() && !is_cookie_token(&self.cookie_name) {
+            return Err(
+                "INGEST_COOKIE_NAME: must be a cookie token (letters, digits, !#$%&'*+-.^_`|~)"
+                    .into(),
+            );
+        }
+        if !self.cookie_domain.is_empty()
+            && !self
+                .cookie_domain
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        {
+            return Err("INGEST_COOKIE_DOMAIN: must be a host name".into());
+        }
+        let origins: Vec<String> = self
+            .cors_origins
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_owned())
+            .filter(|o| !o.is_empty())
+            .collect();
+        let cors = if origins.iter().any(|o| o == "*") {
+            CorsOrigins::Any
+        } else {
+            for o in &origins {
+                if !(o.starts_with("http://") || o.starts_with("https://"))
+                    || o.bytes().any(|b| b.is_ascii_control() || b == b' ')
+                {
+                    return Err(format!(
+                        "INGEST_CORS_ORIGINS: `{o}` is not an http(s) origin"
+                    ));
+                }
+            }
+            CorsOrigins::List(origins)
+        };
+        Ok(Validated { hasher, cors })
+    }
+
+    pub fn produce_timeout(&self) -> Duration {
+        Duration::from_millis(self.produce_timeout_ms)
+    }
+}
+
+fn is_cookie_token(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Vec<&'static str> {
+        vec!["ingest", "--hash-key", "0123456789abcdef0123456789abcdef"]
+    }
+
+    #[test]
+    fn defaults_work_on_a_laptop() {
+        let c = Config::try_parse_from(base()).expect("parses");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.kafka_topic, "referral_clicks");
+        assert_eq!((c.rate_limit_per_minute, c.rate_limit_burst), (120, 20));
+        assert_eq!(c.body_limit_bytes, 16 * 1024);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn wrong_values_name_the_variable() {
+        let mut args = base();
+        args[2] = "short";
+        let err = Config::try_parse_from(args)
+            .expect("parses")
+            .validate()
+            .err()
+            .expect("invalid");
+        assert!(err.starts_with("INGEST_HASH_KEY:"), "{err}");
+
+        let mut args = base();
+        args.extend(["--code-length", "0"]);
+        let err = Config::try_parse_from(args)
+            .expect("parses")
+            .validate()
+            .err()
+            .expect("invalid");
+        assert!(err.starts_with("INGEST_CODE_LENGTH"), "{err}");
+
+        let mut args = base();
+        args.extend(["--cors-origins", "example.com"]);
+        let err = Config::try_parse_from(args)
+            .expect("parses")
+            .validate()
+            .err()
+            .expect("invalid");
+        assert!(err.starts_with("INGEST_CORS_ORIGINS"), "{err}");
+
+        let mut args = base();
+        args.extend(["--trusted-proxies", "10.0.0.0/8,not-an-ip"]);
+        assert!(Config::try_parse_from(args).is_err());
+    }
+
+    #[test]
+    fn parses_lists() {
+        let mut args = base();
+        args.extend([
+            "--trusted-proxies",
+            "10.0.0.0/8, 192.168.1.1",
+            "--kafka-properties",
+            "a=b, c = d",
+        ]);
+        let c = Config::try_parse_from(args).expect("parses");
+        assert_eq!(c.trusted_proxies.0.len(), 2);
+        assert_eq!(
+            c.kafka_properties.0,
+            vec![("a".into(), "b".into()), ("c".into(), "d".into())]
+        );
+    }
+}

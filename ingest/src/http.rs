@@ -1,0 +1,320 @@
+//! Routing and handlers: `POST /api/v1/referrals/click` (+ CORS preflight), `/metrics`,
+//! `/healthz`, `/readyz`.
+//!
+//! Order of work for a click, cheapest refusal first: rate limit (429 costs nothing and
+//! publishes nothing), media type and declared length, bounded body read, decoding,
+//! validation, hashing, publish, and only after the broker's acknowledgement a 200.
+//! A panic anywhere in a handler becomes a 500 envelope, never a dropped connection.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, ORIGIN, SET_COOKIE, USER_AGENT, VARY,
+};
+use hyper::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+
+use crate::body;
+use crate::client_ip::client_ip;
+use crate::config::{Config, CorsOrigins, Validated};
+use crate::envelope::{envelope, ApiError, Body};
+use crate::producer::{ClickSink, PublishError};
+use crate::rate_limit::IpRateLimiter;
+use shared::bot::BotDetector;
+use shared::click::{validate, ClickInput};
+use shared::event::ClickEvent;
+use shared::hashing::KeyedHasher;
+use shared::metric_names as m;
+
+pub const CLICK_PATH: &str = "/api/v1/referrals/click";
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub struct App<S> {
+    config: Config,
+    hasher: KeyedHasher,
+    cors: CorsOrigins,
+    sink: Arc<S>,
+    limiter: IpRateLimiter,
+    bots: BotDetector,
+    metrics: Option<PrometheusHandle>,
+}
+
+impl<S: ClickSink> App<S> {
+    pub fn new(
+        config: Config,
+        validated: Validated,
+        sink: Arc<S>,
+        metrics: Option<PrometheusHandle>,
+    ) -> Self {
+        let per_minute = std::num::NonZeroU32::new(config.rate_limit_per_minute)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst =
+            std::num::NonZeroU32::new(config.rate_limit_burst).unwrap_or(std::num::NonZeroU32::MIN);
+        Self {
+            limiter: IpRateLimiter::new(per_minute, burst),
+            config,
+            hasher: validated.hasher,
+            cors: validated.cors,
+            sink,
+            bots: BotDetector::new(),
+            metrics,
+        }
+    }
+
+    pub fn limiter(&self) -> &IpRateLimiter {
+        &self.limiter
+    }
+
+    /// The hyper service: never fails, never panics outward.
+    pub async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let request_id = incoming_request_id(req.headers()).unwrap_or_else(new_request_id);
+        let route = route_label(req.uri().path());
+        let origin = req.headers().get(ORIGIN).cloned();
+        let mut response = match AssertUnwindSafe(self.route(req, peer.ip()))
+            .catch_unwind()
+            .await
+        {
+            Ok(response) => response,
+            Err(_) => {
+                tracing::error!(%request_id, route, "handler panicked");
+                ApiError::Internal.into_response()
+            }
+        };
+        if route == "click" {
+            self.add_cors(&mut response, origin.as_ref());
+        }
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(X_REQUEST_ID, v);
+        }
+        let status = response.status().as_u16().to_string();
+        metrics::counter!(m::HTTP_REQUESTS_TOTAL, "route" => route, "status" => status)
+            .increment(1);
+        metrics::histogram!(m::HTTP_REQUEST_DURATION, "route" => route)
+            .record(started.elapsed().as_secs_f64());
+        Ok(response)
+    }
+
+    async fn route(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+        let method = req.method().clone();
+        match (req.uri().path(), method) {
+            (CLICK_PATH, Method::POST) => match self.click(req, peer).await {
+                Ok(response) => response,
+                Err(e) => {
+                    metrics::counter!(m::CLICKS_REJECTED_TOTAL, "reason" => e.reason())
+                        .increment(1);
+                    e.into_response()
+                }
+            },
+            (CLICK_PATH, Method::OPTIONS) => self.preflight(req.headers()),
+            (CLICK_PATH, _) => ApiError::MethodNotAllowed("OPTIONS, POST").into_response(),
+            ("/metrics", Method::GET | Method::HEAD) => self.metrics_text(),
+            ("/healthz", Method::GET | Method::HEAD) => envelope(StatusCode::OK, "ok", None),
+            ("/readyz", Method::GET | Method::HEAD) => {
+                if self.sink.is_ready() {
+                    envelope(StatusCode::OK, "ok", None)
+                } else {
+                    ApiError::Unavailable(Duration::from_secs(1)).into_response()
+                }
+            }
+            ("/metrics" | "/healthz" | "/readyz", _) => {
+                ApiError::MethodNotAllowed("GET, HEAD").into_response()
+            }
+            _ => ApiError::NotFound.into_response(),
+        }
+    }
+
+    async fn click(
+        &self,
+        req: Request<Incoming>,
+        peer: IpAddr,
+    ) -> Result<Response<Body>, ApiError> {
+        let ip = client_ip(peer, req.headers(), &self.config.trusted_proxies.0);
+        if let Err(wait) = self.limiter.check(ip) {
+            metrics::counter!(m::RATE_LIMITED_TOTAL).increment(1);
+            return Err(ApiError::RateLimited(wait));
+        }
+        let limit = self.config.body_limit_bytes;
+        let encoding = body::check_headers(req.headers(), limit)?;
+        let user_agent = req
+            .headers()
+            .get(USER_AGENT)
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        let raw = body::read(
+            req.into_body(),
+            encoding,
+            limit,
+            Duration::from_millis(self.config.body_timeout_ms),
+        )
+        .await?;
+        let input = ClickInput::from_json(&raw).map_err(|e| ApiError::InvalidParams(vec![e]))?;
+        let click = validate(&input, self.config.code_length).map_err(ApiError::InvalidParams)?;
+
+        let ip_hash = self.hasher.hash(ip.to_string().as_bytes());
+        let ua_hash = self.hasher.hash(&user_agent);
+        let is_bot = self.bots.is_bot(&String::from_utf8_lossy(&user_agent));
+        let event = ClickEvent::new(
+            &click,
+            &ip_hash,
+            &ua_hash,
+            self.hasher.key_id(),
+            is_bot,
+            shared::now_ms(),
+        );
+
+        // Keyed by click id: random ids spread evenly over partitions, so one viral code
+        // cannot make a partition hot, and a client retry (same id) lands in the same
+        // partition, where the consumer recognizes it as the same click.
+        self.sink
+            .publish(click.click_id.as_str().as_bytes(), &event.encode())
+            .await
+            .map_err(|e| {
+                metrics::counter!(m::PRODUCE_ERRORS_TOTAL, "cause" => e.cause()).increment(1);
+                tracing::warn!(error = %e, "click not published");
+                ApiError::Unavailable(match e {
+                    PublishError::QueueFull => Duration::from_secs(1),
+                    _ => Duration::from_secs(5),
+                })
+            })?;
+        metrics::counter!(m::CLICKS_ACCEPTED_TOTAL).increment(1);
+
+        let mut response = envelope(
+            StatusCode::OK,
+            "ok",
+            Some(json!({"click_id": click.click_id.as_str(), "code": click.code.as_str()})),
+        );
+        if !self.config.cookie_name.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&self.cookie(click.click_id.as_str())) {
+                response.headers_mut().insert(SET_COOKIE, v);
+            }
+        }
+        Ok(response)
+    }
+
+    fn cookie(&self, click_id: &str) -> String {
+        let c = &self.config;
+        let mut cookie = format!(
+            "{}={click_id}; Max-Age={}; Path=/",
+            c.cookie_name, c.cookie_max_age_secs
+        );
+        if !c.cookie_domain.is_empty() {
+            cookie.push_str("; Domain=");
+            cookie.push_str(&c.cookie_domain);
+        }
+        cookie.push_str("; SameSite=Lax; Secure");
+        cookie
+    }
+
+    fn allowed_origin<'a>(&self, origin: Option<&'a HeaderValue>) -> Option<&'a HeaderValue> {
+        origin.filter(|o| o.to_str().is_ok_and(|o| self.cors.allows(o)))
+    }
+
+    fn preflight(&self, headers: &HeaderMap) -> Response<Body> {
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        if self.allowed_origin(headers.get(ORIGIN)).is_some() {
+            let h = response.headers_mut();
+            h.insert(
+                "access-control-allow-methods",
+                HeaderValue::from_static("POST, OPTIONS"),
+            );
+            h.insert(
+                "access-control-allow-headers",
+                HeaderValue::from_static("content-type, content-encoding, x-request-id"),
+            );
+            h.insert("access-control-max-age", HeaderValue::from_static("600"));
+        }
+        response
+    }
+
+    /// CORS headers on every response of the click route, for allowed origins only. The
+    /// origin is echoed (not `*`) so that browsers accept the click cookie.
+    fn add_cors(&self, response: &mut Response<Body>, origin: Option<&HeaderValue>) {
+        let h = response.headers_mut();
+        h.append(VARY, HeaderValue::from_static("Origin"));
+        if let Some(origin) = self.allowed_origin(origin) {
+            h.insert("access-control-allow-origin", origin.clone());
+            h.insert(
+                "access-control-allow-credentials",
+                HeaderValue::from_static("true"),
+            );
+            h.insert(
+                "access-control-expose-headers",
+                HeaderValue::from_static("x-request-id, retry-after"),
+            );
+        }
+    }
+
+    fn metrics_text(&self) -> Response<Body> {
+        let text = self
+            .metrics
+            .as_ref()
+            .map(PrometheusHandle::render)
+            .unwrap_or_default();
+        let mut response = Response::new(Full::new(Bytes::from(text)));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        response
+    }
+}
+
+fn route_label(path: &str) -> &'static str {
+    match path {
+        CLICK_PATH => "click",
+        "/metrics" => "metrics",
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        _ => "unknown",
+    }
+}
+
+/// An incoming id is echoed only when it is sane: 1–128 of `A-Za-z0-9._:-`.
+fn incoming_request_id(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(X_REQUEST_ID)?.to_str().ok()?;
+    let sane = (1..=128).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    sane.then(|| v.to_owned())
+}
+
+fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_echoed_only_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123_x.y:z"));
+        assert_eq!(incoming_request_id(&h).as_deref(), Some("abc-123_x.y:z"));
+        for bad in ["<script>", "a b", ""] {
+            h.insert(X_REQUEST_ID, HeaderValue::from_str(bad).expect("header"));
+            assert_eq!(incoming_request_id(&h), None, "{bad}");
+        }
+        h.insert(
+            X_REQUEST_ID,
+            HeaderValue::from_str(&"a".repeat(129)).expect("header"),
+        );
+        assert_eq!(incoming_request_id(&h), None);
+        assert_eq!(new_request_id().len(), 32);
+    }
+}

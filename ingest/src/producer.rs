@@ -1,0 +1,187 @@
+//! Where accepted clicks go: a sink behind a trait so handlers can be tested without a
+//! broker, and its Kafka implementation.
+//!
+//! Invariant: `publish` returns `Ok` only after the broker acknowledged the message
+//! (idempotent producer, `acks=all`); every other outcome is an error the handler turns
+//! into a 503, so a 2xx always means "durably in Kafka".
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+
+use crate::config::Config;
+use shared::metric_names as m;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PublishError {
+    #[error("the producer queue is full")]
+    QueueFull,
+    #[error("the broker did not acknowledge in time")]
+    Timeout,
+    #[error("the broker is not reachable")]
+    NotReady,
+    #[error("the broker refused the message: {0}")]
+    Broker(String),
+}
+
+impl PublishError {
+    /// Low-cardinality label for metrics.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::Timeout => "timeout",
+            Self::NotReady => "not_ready",
+            Self::Broker(_) => "broker",
+        }
+    }
+}
+
+pub trait ClickSink: Send + Sync + 'static {
+    /// Publishes one event; resolves once the broker acknowledged it.
+    fn publish(
+        &self,
+        key: &[u8],
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+    /// Whether the broker was reachable at the last check.
+    fn is_ready(&self) -> bool;
+    /// Delivers everything queued, waiting at most `timeout`.
+    fn flush(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
+}
+
+pub struct KafkaSink {
+    producer: FutureProducer,
+    topic: String,
+    ack_timeout: Duration,
+    ready: Arc<AtomicBool>,
+}
+
+impl KafkaSink {
+    pub fn new(config: &Config) -> Result<Self, KafkaError> {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &config.kafka_brokers)
+            .set("client.id", "referral-ingest")
+            // Exactly-once delivery into the log: no duplicates from producer retries, and an
+            // acknowledgement only once every in-sync replica has the message.
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            // Throughput: batch for a few ms and compress the JSON events (lz4 is cheap on CPU).
+            .set("compression.type", "lz4")
+            .set("linger.ms", config.linger_ms.to_string())
+            .set("batch.num.messages", "10000")
+            .set(
+                "queue.buffering.max.messages",
+                config.queue_max_messages.to_string(),
+            )
+            .set("queue.buffering.max.kbytes", "262144")
+            // librdkafka gives up on a message at the same deadline the request waits for, so a
+            // 503 answer is not followed by a late delivery of the same message.
+            .set("message.timeout.ms", config.produce_timeout_ms.to_string())
+            .set("reconnect.backoff.max.ms", "1000");
+        for (k, v) in &config.kafka_properties.0 {
+            cc.set(k, v);
+        }
+        let producer: FutureProducer = cc.create()?;
+        Ok(Self {
+            producer,
+            topic: config.kafka_topic.clone(),
+            ack_timeout: config.produce_timeout() + Duration::from_secs(1),
+            ready: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Checks every `every` that the broker answers and knows the topic; keeps the
+    /// producer-queue gauge fresh. Runs until the process ends.
+    pub fn spawn_health_checks(self: &Arc<Self>, every: Duration) {
+        let sink = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let probe = Arc::clone(&sink);
+                let ok = tokio::task::spawn_blocking(move || probe.broker_knows_topic())
+                    .await
+                    .unwrap_or(false);
+                if ok != sink.ready.swap(ok, Ordering::Relaxed) {
+                    if ok {
+                        tracing::info!(topic = %sink.topic, "broker reachable");
+                    } else {
+                        tracing::warn!(topic = %sink.topic, "broker not reachable or topic missing");
+                    }
+                }
+                metrics::gauge!(m::BROKER_UP).set(if ok { 1.0 } else { 0.0 });
+                metrics::gauge!(m::PRODUCER_QUEUE_MESSAGES)
+                    .set(f64::from(sink.producer.in_flight_count()));
+                tokio::time::sleep(if ok {
+                    every
+                } else {
+                    every.min(Duration::from_millis(500))
+                })
+                .await;
+            }
+        });
+    }
+
+    fn broker_knows_topic(&self) -> bool {
+        match self
+            .producer
+            .client()
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(2))
+        {
+            Ok(md) => md.topics().iter().any(|t| {
+                t.name() == self.topic && t.error().is_none() && !t.partitions().is_empty()
+            }),
+            Err(_) => false,
+        }
+    }
+
+    /// Checks the broker once, now (start-up).
+    pub async fn check_now(self: &Arc<Self>) -> bool {
+        let probe = Arc::clone(self);
+        let ok = tokio::task::spawn_blocking(move || probe.broker_knows_topic())
+            .await
+            .unwrap_or(false);
+        self.ready.store(ok, Ordering::Relaxed);
+        ok
+    }
+}
+
+impl ClickSink for KafkaSink {
+    async fn publish(&self, key: &[u8], payload: &[u8]) -> Result<(), PublishError> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err(PublishError::NotReady);
+        }
+        let started = Instant::now();
+        let record = FutureRecord::to(&self.topic).key(key).payload(payload);
+        let delivery = match self.producer.send_result(record) {
+            Ok(delivery) => delivery,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                return Err(PublishError::QueueFull);
+            }
+            Err((e, _)) => return Err(PublishError::Broker(e.to_string())),
+        };
+        let result = match tokio::time::timeout(self.ack_timeout, delivery).await {
+            Err(_) => Err(PublishError::Timeout),
+            Ok(Err(_canceled)) => Err(PublishError::Broker("delivery report lost".into())),
+            Ok(Ok(Ok(_delivery))) => Ok(()),
+            Ok(Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _)))) => {
+                Err(PublishError::Timeout)
+            }
+            Ok(Ok(Err((e, _)))) => Err(PublishError::Broker(e.to_string())),
+        };
+        metrics::histogram!(m::PRODUCE_DURATION).record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    async fn flush(&self, timeout: Duration) {
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+    }
+}
