@@ -194,6 +194,19 @@ pub struct Config {
     )]
     pub retry_max_backoff_ms: u64,
 
+    /// Re-join the group when this member has had no partitions for this many seconds
+    /// (0: never). Apache Kafka does not need it (keep 0 there: with more members than
+    /// partitions it would cause needless rebalances). The tansu broker of the local stack
+    /// does: after it evicts a crashed group leader it does not tell the other members to
+    /// rejoin, leaving them with the empty assignment of the dead generation.
+    #[arg(
+        long,
+        env = "CONSUMER_REJOIN_IDLE_SECS",
+        default_value_t = 0,
+        global = true
+    )]
+    pub rejoin_idle_secs: u64,
+
     /// Apply migrations when `run` starts.
     #[arg(long, env = "CONSUMER_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub migrate_on_start: bool,

@@ -61,6 +61,8 @@ pub struct Pipeline {
     retry_at: Option<Instant>,
     backoff: Duration,
     paused: bool,
+    /// Since when this member has had no partitions (see `Config::rejoin_idle_secs`).
+    idle_since: Option<Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +93,7 @@ impl Pipeline {
             retry_at: None,
             backoff: MIN_BACKOFF,
             paused: false,
+            idle_since: Some(Instant::now()),
         }
     }
 
@@ -99,6 +102,9 @@ impl Pipeline {
         let consumer = Arc::clone(&self.consumer);
         let mut gauges = tokio::time::interval(Duration::from_secs(1));
         loop {
+            // Callbacks run inside `recv()`, also when it returns nothing to us (a quiet
+            // topic, or the timer won the select): apply them before anything may flush.
+            self.apply_rebalances();
             if self.flush_due() {
                 self.flush(CommitMode::Async).await;
                 continue;
@@ -116,7 +122,10 @@ impl Pipeline {
                     self.apply_backpressure();
                 }
                 () = tokio::time::sleep_until(wake.into()) => {}
-                _ = gauges.tick() => self.update_gauges(),
+                _ = gauges.tick() => {
+                    self.update_gauges();
+                    self.rejoin_if_idle();
+                }
             }
         }
         self.drain().await;
@@ -217,6 +226,7 @@ impl Pipeline {
                     }
                 }
                 Rebalanced::Assigned(parts) => {
+                    self.idle_since = parts.is_empty().then(Instant::now);
                     let window_ms = self.config.dedup_window_secs * 1000;
                     for p in parts {
                         self.checking.insert(p);
@@ -230,6 +240,19 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    fn rejoin_if_idle(&mut self) {
+        let limit = Duration::from_secs(self.config.rejoin_idle_secs);
+        if limit.is_zero() || self.idle_since.is_none_or(|t| t.elapsed() < limit) {
+            return;
+        }
+        tracing::warn!(idle = ?limit, "no partitions assigned for a while: re-joining the group");
+        self.consumer.unsubscribe();
+        if let Err(e) = self.consumer.subscribe(&[&self.config.kafka_topic]) {
+            tracing::warn!(error = %e, "re-subscribe failed");
+        }
+        self.idle_since = Some(Instant::now());
     }
 
     fn apply_backpressure(&mut self) {

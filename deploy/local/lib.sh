@@ -72,6 +72,13 @@ install_services() {
 
 pid_alive() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
+# port_free NAME PORT: dies when PORT is taken by a process that is not our NAME.
+port_free() {
+  if ! pid_alive "$1" && tcp_open 127.0.0.1 "$2"; then
+    die "port $2 is in use by another process: stop it, or move $1 with LOCAL_*_PORT (see deploy/local/lib.sh)"
+  fi
+}
+
 # start NAME WORKDIR CMD... : starts CMD in the background unless NAME already runs.
 start() {
   local name=$1 dir=$2; shift 2
@@ -128,6 +135,7 @@ stop() {
 
 start_broker() {
   mkdir -p "$STATE/tansu"
+  port_free broker "$KAFKA_PORT"
   # The sqlite path is relative to the working directory: data survives restarts.
   start broker "$STATE/tansu" "$(tansu_bin)" broker \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
@@ -142,6 +150,7 @@ start_clickhouse() {
   sed -e "s#@STATE@#$dir#g" -e "s#@HTTP_PORT@#$CH_HTTP_PORT#g" -e "s#@TCP_PORT@#$CH_TCP_PORT#g" \
     "$ROOT/deploy/local/clickhouse/config.xml.in" >"$dir/config.xml"
   cp "$ROOT/deploy/local/clickhouse/users.xml" "$dir/users.xml"
+  port_free clickhouse "$CH_HTTP_PORT"
   start clickhouse "$dir" /usr/sbin/clickhouse-server --config-file="$dir/config.xml"
   wait_until clickhouse 60 http_ok "$CLICKHOUSE_URL/ping"
 }
@@ -152,6 +161,7 @@ start_prometheus() {
   sed -e "s#127.0.0.1:8080#127.0.0.1:$INGEST_PORT#; s#127.0.0.1:9101#127.0.0.1:$CONSUMER_PORT#" \
     "$ROOT/deploy/prometheus/prometheus.local.yml" >"$dir/prometheus.yml"
   cp "$ROOT/deploy/prometheus/alerts.yml" "$dir/alerts.yml"
+  port_free prometheus "$PROM_PORT"
   start prometheus "$dir" prometheus --config.file="$dir/prometheus.yml" \
     --storage.tsdb.path="$dir/data" --web.listen-address="127.0.0.1:$PROM_PORT" \
     --web.enable-lifecycle

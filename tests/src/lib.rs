@@ -1,1 +1,675 @@
+//! Harness of the end-to-end tests: real `ingest` and `consumer` processes, the real broker
+//! (tansu) and the real ClickHouse, started by `deploy/local/test`.
+//!
+//! Every test gets its own topic and database (random names), so tests run in parallel
+//! without seeing each other's clicks. Fault tests can start a private broker and put a
+//! TCP proxy they can cut in front of ClickHouse, so an "outage" hits only that test.
 
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+pub const HASH_KEY: &str = "e2e-test-key-e2e-test-key-e2e-test-key-0123";
+
+pub fn kafka_brokers() -> String {
+    std::env::var("E2E_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn clickhouse_url() -> String {
+    std::env::var("E2E_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
+}
+
+/// The workspace's target directory for the current profile.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var("E2E_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first (deploy/local/test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", rand::random::<u64>())
+}
+
+pub fn free_addr() -> SocketAddr {
+    let l = StdListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+pub fn random_click_id() -> String {
+    format!("refclk_{:032x}", rand::random::<u128>())
+}
+
+/// Waits until `check` returns `Some`, polling; panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// --- Kafka -------------------------------------------------------------------------------
+
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics");
+    for r in results {
+        if let Err((name, code)) = r {
+            assert_eq!(
+                code,
+                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                "creating {name}"
+            );
+        }
+    }
+}
+
+/// One message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads every message of `topic` (all partitions, from the start) until `expected`
+/// have arrived or `timeout` passes.
+pub fn read_topic(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
+    use rdkafka::message::Headers;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("e2e_reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .expect("tpl");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while out.len() < expected && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let mut headers = HashMap::new();
+            if let Some(h) = m.headers() {
+                for header in h.iter() {
+                    headers.insert(
+                        header.key.to_owned(),
+                        String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                    );
+                }
+            }
+            out.push(Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().unwrap_or_default().to_vec(),
+                payload: m.payload().unwrap_or_default().to_vec(),
+                headers,
+            });
+        }
+    }
+    out
+}
+
+/// Produces raw payloads (e.g. poison messages) with acks=all.
+pub async fn produce_raw(brokers: &str, topic: &str, messages: &[(Option<&str>, &[u8])]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .create()
+        .expect("producer");
+    for (key, payload) in messages {
+        let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .expect("produce");
+    }
+}
+
+// --- ClickHouse --------------------------------------------------------------------------
+
+pub struct ClickHouse {
+    url: String,
+    http: reqwest::Client,
+}
+
+impl ClickHouse {
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn try_query(&self, sql: &str) -> Result<String, String> {
+        let r = self
+            .http
+            .post(&self.url)
+            .query(&[("output_format_json_quote_64bit_integers", "0")])
+            .body(sql.to_owned())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let ok = r.status().is_success();
+        let text = r.text().await.map_err(|e| e.to_string())?;
+        if ok {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    }
+
+    pub async fn query(&self, sql: &str) -> String {
+        self.try_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("query failed: {sql}\n{e}"))
+    }
+
+    /// Rows of `sql` as JSON objects (FORMAT JSONEachRow appended).
+    pub async fn rows(&self, sql: &str) -> Vec<serde_json::Value> {
+        self.query(&format!("{sql} FORMAT JSONEachRow"))
+            .await
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json row"))
+            .collect()
+    }
+
+    pub async fn scalar(&self, sql: &str) -> u64 {
+        self.query(sql)
+            .await
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number from {sql}"))
+    }
+
+    /// `(count(), uniqExact(click_id))` of the clicks table, without FINAL.
+    pub async fn counts(&self, table: &str) -> (u64, u64) {
+        match self
+            .try_query(&format!(
+                "SELECT count(), uniqExact(click_id) FROM {table} FORMAT TSV"
+            ))
+            .await
+        {
+            Ok(text) => {
+                let mut it = text
+                    .split_whitespace()
+                    .map(|v| v.parse::<u64>().unwrap_or(0));
+                (it.next().unwrap_or(0), it.next().unwrap_or(0))
+            }
+            Err(_) => (0, 0),
+        }
+    }
+}
+
+// --- processes ---------------------------------------------------------------------------
+
+/// A child process that is stopped (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Self {
+        let log = std::env::temp_dir().join(format!("{}.log", unique(name)));
+        let file = std::fs::File::create(&log).expect("log file");
+        let err = file.try_clone().expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .env("LOG_LEVEL", "info,rdkafka=warn")
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Self {
+            child,
+            name: name.to_owned(),
+            log,
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.signal("TERM");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub async fn wait_ready(url: &str, timeout: Duration) {
+    let http = reqwest::Client::new();
+    eventually(url, timeout, || {
+        let http = http.clone();
+        async move {
+            match http.get(url).send().await {
+                Ok(r) if r.status().is_success() => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+}
+
+/// Settings of one ingest process.
+#[derive(Clone)]
+pub struct IngestOptions {
+    pub brokers: String,
+    pub topic: String,
+    pub extra_env: Vec<(String, String)>,
+}
+
+pub struct Ingest {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Ingest {
+    pub fn start(opts: &IngestOptions) -> Self {
+        let addr = free_addr();
+        let mut cmd = Command::new(bin("ingest"));
+        cmd.env("INGEST_LISTEN", addr.to_string())
+            .env("INGEST_KAFKA_BROKERS", &opts.brokers)
+            .env("INGEST_KAFKA_TOPIC", &opts.topic)
+            .env("INGEST_HASH_KEY", HASH_KEY)
+            .env("INGEST_HASH_KEY_ID", "e2e1");
+        for (k, v) in &opts.extra_env {
+            cmd.env(k, v);
+        }
+        Self {
+            proc: Proc::spawn("ingest", cmd),
+            addr,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn ready(&self) {
+        wait_ready(&self.url("/readyz"), Duration::from_secs(30)).await;
+    }
+}
+
+/// Settings of one consumer process.
+#[derive(Clone)]
+pub struct ConsumerOptions {
+    pub brokers: String,
+    pub topic: String,
+    pub group: String,
+    pub clickhouse_url: String,
+    pub database: String,
+    pub extra_env: Vec<(String, String)>,
+}
+
+pub struct ConsumerProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl ConsumerProc {
+    pub fn start(opts: &ConsumerOptions) -> Self {
+        let addr = free_addr();
+        let mut cmd = Command::new(bin("consumer"));
+        cmd.arg("run")
+            .env("CONSUMER_LISTEN", addr.to_string())
+            .env("CONSUMER_KAFKA_BROKERS", &opts.brokers)
+            .env("CONSUMER_KAFKA_TOPIC", &opts.topic)
+            .env("CONSUMER_DLQ_TOPIC", format!("{}_dlq", opts.topic))
+            .env("CONSUMER_GROUP_ID", &opts.group)
+            .env("CONSUMER_CLICKHOUSE_URL", &opts.clickhouse_url)
+            .env("CONSUMER_CLICKHOUSE_DATABASE", &opts.database)
+            // tansu leaves survivors of a crashed leader without partitions (see config.rs).
+            .env("CONSUMER_REJOIN_IDLE_SECS", "5");
+        for (k, v) in &opts.extra_env {
+            cmd.env(k, v);
+        }
+        Self {
+            proc: Proc::spawn("consumer", cmd),
+            addr,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn ready(&self) {
+        wait_ready(&self.url("/readyz"), Duration::from_secs(60)).await;
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.url("/metrics"), name).await
+    }
+}
+
+/// Sum of all series of `name` at a /metrics URL (0 when absent).
+pub async fn metric_value(url: &str, name: &str) -> f64 {
+    let text = match reqwest::get(url).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return 0.0,
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A topic + database + consumer options, isolated for one test.
+pub struct Scope {
+    pub topic: String,
+    pub database: String,
+    pub table: String,
+    pub brokers: String,
+    pub ch: ClickHouse,
+}
+
+impl Scope {
+    pub async fn new(name: &str, partitions: i32) -> Self {
+        Self::with_brokers(name, partitions, &kafka_brokers()).await
+    }
+
+    pub async fn with_brokers(name: &str, partitions: i32, brokers: &str) -> Self {
+        let topic = unique(name);
+        create_topic(brokers, &topic, partitions).await;
+        create_topic(brokers, &format!("{topic}_dlq"), 1).await;
+        let database = unique(&format!("e2e_{name}"));
+        Self {
+            table: format!("{database}.referral_clicks"),
+            topic,
+            database,
+            brokers: brokers.to_owned(),
+            ch: ClickHouse::new(&clickhouse_url()),
+        }
+    }
+
+    pub fn ingest_options(&self) -> IngestOptions {
+        IngestOptions {
+            brokers: self.brokers.clone(),
+            topic: self.topic.clone(),
+            extra_env: Vec::new(),
+        }
+    }
+
+    pub fn consumer_options(&self) -> ConsumerOptions {
+        ConsumerOptions {
+            brokers: self.brokers.clone(),
+            topic: self.topic.clone(),
+            group: format!("{}_group", self.topic),
+            clickhouse_url: clickhouse_url(),
+            database: self.database.clone(),
+            extra_env: Vec::new(),
+        }
+    }
+
+    /// Waits until the table holds `n` rows; returns `(count, uniqExact(click_id))`.
+    pub async fn wait_rows(&self, n: u64, timeout: Duration) -> (u64, u64) {
+        let table = self.table.clone();
+        let ch = &self.ch;
+        eventually(&format!("{n} rows in {table}"), timeout, || {
+            let table = table.clone();
+            async move {
+                let (count, uniq) = ch.counts(&table).await;
+                (count >= n).then_some((count, uniq))
+            }
+        })
+        .await
+    }
+
+    pub async fn drop_database(&self) {
+        let _ = self
+            .ch
+            .try_query(&format!("DROP DATABASE IF EXISTS {}", self.database))
+            .await;
+    }
+}
+
+// --- clients -----------------------------------------------------------------------------
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(16)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+pub async fn post_click(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("post");
+    let status = r.status().as_u16();
+    let json = r.json().await.unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+// --- a TCP proxy whose link can be cut -----------------------------------------------------
+
+/// Forwards connections from a local port to `target`. While `down`, it refuses new
+/// connections and resets open ones, like a server that went away.
+pub struct CutProxy {
+    pub addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CutProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let down = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (d, g) = (Arc::clone(&down), Arc::clone(&generation));
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if d.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let (d, g) = (Arc::clone(&d), Arc::clone(&g));
+                tokio::spawn(async move {
+                    let my_gen = g.load(Ordering::SeqCst);
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                    tokio::pin!(copy);
+                    loop {
+                        tokio::select! {
+                            _ = &mut copy => return,
+                            () = tokio::time::sleep(Duration::from_millis(50)) => {
+                                if d.load(Ordering::SeqCst) || g.load(Ordering::SeqCst) != my_gen {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            down,
+            generation,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A private tansu broker on a free port with its own sqlite file, for fault tests that
+/// restart the broker.
+pub struct PrivateBroker {
+    pub proc: Option<Proc>,
+    pub addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl PrivateBroker {
+    pub async fn start() -> Self {
+        let dir = std::env::temp_dir().join(unique("tansu"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut broker = Self {
+            proc: None,
+            addr: free_addr(),
+            dir,
+        };
+        broker.restart().await;
+        broker
+    }
+
+    pub fn brokers(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub async fn restart(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+        let tansu = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
+            let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| {
+                format!("{}/.cargo", std::env::var("HOME").unwrap_or_default())
+            });
+            let installed = format!("{home}/bin/tansu");
+            if std::path::Path::new(&installed).exists() {
+                installed
+            } else {
+                "tansu".into()
+            }
+        });
+        let url = format!("tcp://{}", self.addr);
+        let mut cmd = Command::new(tansu);
+        cmd.current_dir(&self.dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"]);
+        self.proc = Some(Proc::spawn("tansu", cmd));
+        let addr = self.addr;
+        eventually(
+            "private broker port",
+            Duration::from_secs(20),
+            || async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) },
+        )
+        .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,654 @@
+//! Black-box tests of `POST /api/v1/referrals/click` against the real ingest binary and the
+//! real broker: every status of the contract, headers, and what reaches the topic.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use e2e::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const PATH: &str = "/api/v1/referrals/click";
+
+async fn start(name: &str, env: &[(&str, &str)]) -> (Scope, Ingest) {
+    let scope = Scope::new(name, 2).await;
+    let mut opts = scope.ingest_options();
+    opts.extra_env = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let ingest = Ingest::start(&opts);
+    ingest.ready().await;
+    (scope, ingest)
+}
+
+async fn send(req: reqwest::RequestBuilder) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = req.send().await.expect("send");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let bytes = r.bytes().await.expect("body");
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).expect("JSON envelope")
+    };
+    (status, headers, body)
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+/// Every error has the envelope, status == code, and nothing rejected is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_use_the_envelope_and_publish_nothing() {
+    let (scope, ingest) = start("contract_errors", &[("INGEST_RATE_LIMIT_BURST", "1000")]).await;
+    let c = http();
+    let url = ingest.url(PATH);
+    let json_post = |body: String| {
+        c.post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+
+    // 400: bad JSON, non-object, wrong types (all listed), missing and invalid code.
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        ("{not json".into(), vec!["body"]),
+        ("[1,2]".into(), vec!["body"]),
+        ("".into(), vec!["body"]),
+        (
+            r#"{"code":1,"click_id":true,"landing_path":[],"utm_source":{}}"#.into(),
+            vec!["code", "click_id", "landing_path", "utm_source"],
+        ),
+        (r#"{"landing_path":"/x"}"#.into(), vec!["code"]),
+        (r#"{"code":"TOO-SHORT"}"#.into(), vec!["code"]),
+        (
+            r#"{"code":"A1B2C3D4E5F6","click_id":"nope"}"#.into(),
+            vec!["click_id"],
+        ),
+        (
+            r#"{"code":"A1B2C3D4E5F6","landing_path":"//evil.example/x"}"#.into(),
+            vec!["landing_path"],
+        ),
+        (
+            format!(
+                r#"{{"code":"A1B2C3D4E5F6","utm_campaign":"{}"}}"#,
+                "x".repeat(257)
+            ),
+            vec!["utm_campaign"],
+        ),
+        (
+            r#"{"code":"<script>alert(1)</script>"}"#.into(),
+            vec!["code"],
+        ),
+    ];
+    for (body, fields) in cases {
+        let (status, headers, env) = send(json_post(body.clone())).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(env["code"], 400);
+        assert_eq!(env["msg"], "invalid params");
+        let got: Vec<&str> = env["data"]["errors"]
+            .as_array()
+            .expect("errors")
+            .iter()
+            .map(|e| e["field"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(got, fields, "{body}");
+        assert!(!env.to_string().contains("<script>"), "input echoed: {env}");
+        assert!(headers.contains_key("x-request-id"));
+    }
+
+    // 404, 405 with Allow.
+    let (status, _, env) = send(c.post(ingest.url("/api/v1/referrals/other"))).await;
+    assert_eq!((status, env["msg"].as_str()), (404, Some("not found")));
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+    ] {
+        let (status, headers, env) = send(c.request(method, &url)).await;
+        assert_eq!((status, env["code"].as_u64()), (405, Some(405)));
+        assert_eq!(headers["allow"], "OPTIONS, POST");
+    }
+
+    // 415: other media types, charsets and encodings.
+    for (ct, ce) in [
+        ("application/x-www-form-urlencoded", ""),
+        ("text/plain; charset=iso-8859-1", ""),
+        ("application/json", "br"),
+    ] {
+        let mut req = c
+            .post(&url)
+            .header("content-type", ct)
+            .body(r#"{"code":"A1B2C3D4E5F6"}"#);
+        if !ce.is_empty() {
+            req = req.header("content-encoding", ce);
+        }
+        let (status, _, env) = send(req).await;
+        assert_eq!(
+            (status, env["msg"].as_str()),
+            (415, Some("unsupported media type")),
+            "{ct} {ce}"
+        );
+    }
+
+    // 413: declared, streamed (chunked) and gzip-bomb bodies over 16 KiB.
+    let big = format!(
+        r#"{{"code":"A1B2C3D4E5F6","pad":"{}"}}"#,
+        "x".repeat(17 * 1024)
+    );
+    let (status, _, env) = send(json_post(big.clone())).await;
+    assert_eq!(
+        (status, env["msg"].as_str()),
+        (413, Some("payload too large"))
+    );
+    let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(big.clone().into_bytes())]);
+    let (status, _, _) = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(stream)),
+    )
+    .await;
+    assert_eq!(status, 413);
+    let bomb = gzip(
+        format!(
+            r#"{{"code":"A1B2C3D4E5F6","pad":"{}"}}"#,
+            " ".repeat(8 << 20)
+        )
+        .as_bytes(),
+    );
+    let (status, _, _) = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(bomb),
+    )
+    .await;
+    assert_eq!(status, 413);
+    let (status, _, env) = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body("not gzip"),
+    )
+    .await;
+    assert_eq!(
+        (status, env["data"]["errors"][0]["field"].as_str()),
+        (400, Some("body"))
+    );
+
+    // Accepted: JSON, sendBeacon's text/plain, gzip, null fields.
+    let mut accepted = Vec::new();
+    let ok_bodies: Vec<reqwest::RequestBuilder> = vec![
+        json_post(json!({"code":"A1B2C3D4E5F6"}).to_string()),
+        c.post(&url)
+            .header("content-type", "text/plain;charset=UTF-8")
+            .body(json!({"code":"a1b2c3d4e5f6","utm_source":null}).to_string()),
+        c.post(&url)
+            .header("content-type", "application/json; charset=utf-8")
+            .header("content-encoding", "gzip")
+            .body(gzip(
+                json!({"code":"A1B2C3D4E5F6","landing_path":"/gz"})
+                    .to_string()
+                    .as_bytes(),
+            )),
+    ];
+    for req in ok_bodies {
+        let (status, _, env) = send(req).await;
+        assert_eq!(status, 200, "{env}");
+        assert_eq!(env["data"]["code"], "A1B2C3D4E5F6");
+        let id = env["data"]["click_id"].as_str().expect("id").to_owned();
+        assert!(id.starts_with("refclk_") && id.len() >= 7 + 22, "{id}");
+        accepted.push(id);
+    }
+
+    // Exactly the accepted clicks are in the topic.
+    let records = read_topic(
+        &scope.brokers,
+        &scope.topic,
+        accepted.len() + 1,
+        Duration::from_secs(5),
+    );
+    let mut published: Vec<String> = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.key).into_owned())
+        .collect();
+    published.sort();
+    accepted.sort();
+    assert_eq!(published, accepted);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_ids_cors_and_cookie() {
+    let (_scope, ingest) = start(
+        "contract_headers",
+        &[
+            ("INGEST_CORS_ORIGINS", "https://shop.example"),
+            ("INGEST_COOKIE_NAME", "ref_click"),
+            ("INGEST_COOKIE_DOMAIN", "shop.example"),
+            ("INGEST_COOKIE_MAX_AGE_SECS", "600"),
+        ],
+    )
+    .await;
+    let c = http();
+    let url = ingest.url(PATH);
+
+    let (status, headers, env) = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .header("origin", "https://shop.example")
+            .header("x-request-id", "trace-42.a_b:c")
+            .body(r#"{"code":"A1B2C3D4E5F6","click_id":"refclk_cookie1"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{env}");
+    assert_eq!(headers["x-request-id"], "trace-42.a_b:c");
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://shop.example"
+    );
+    assert_eq!(headers["access-control-allow-credentials"], "true");
+    assert_eq!(
+        headers["set-cookie"],
+        "ref_click=refclk_cookie1; Max-Age=600; Path=/; Domain=shop.example; SameSite=Lax; Secure"
+    );
+
+    // An insane request id is replaced, not echoed.
+    let (_, headers, _) = send(
+        c.get(ingest.url("/healthz"))
+            .header("x-request-id", "<bad id>"),
+    )
+    .await;
+    let id = headers["x-request-id"].to_str().expect("id");
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+
+    // Preflight: allowed origin gets CORS headers, others none.
+    let r = c
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://shop.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://shop.example"
+    );
+    assert!(r.headers()["access-control-allow-methods"]
+        .to_str()
+        .expect("v")
+        .contains("POST"));
+    assert!(r.headers()["access-control-allow-headers"]
+        .to_str()
+        .expect("v")
+        .contains("content-type"));
+    let r = c
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(r.status(), 204);
+    assert!(!r.headers().contains_key("access-control-allow-origin"));
+    let (_, headers, _) = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .header("origin", "https://evil.example")
+            .body(r#"{"code":"A1B2C3D4E5F6"}"#),
+    )
+    .await;
+    assert!(!headers.contains_key("access-control-allow-origin"));
+}
+
+/// From an untrusted peer, X-Forwarded-For changes neither the hash nor the rate limit;
+/// behind a trusted proxy, the forwarded address is the client.
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_headers_only_count_from_trusted_proxies() {
+    async fn ip_hashes(ingest: &Ingest, scope: &Scope, xffs: &[&str]) -> Vec<String> {
+        let c = http();
+        for xff in xffs {
+            let (status, _, env) = send(
+                c.post(ingest.url(PATH))
+                    .header("content-type", "application/json")
+                    .header("x-forwarded-for", *xff)
+                    .body(json!({"code":"A1B2C3D4E5F6","click_id": random_click_id()}).to_string()),
+            )
+            .await;
+            assert_eq!(status, 200, "{env}");
+        }
+        read_topic(
+            &scope.brokers,
+            &scope.topic,
+            xffs.len(),
+            Duration::from_secs(5),
+        )
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Value>(&r.payload).expect("event")["ip_hash"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect()
+    }
+
+    let (scope, ingest) = start(
+        "contract_xff_untrusted",
+        &[
+            ("INGEST_RATE_LIMIT_BURST", "3"),
+            ("INGEST_RATE_LIMIT_PER_MINUTE", "1"),
+        ],
+    )
+    .await;
+    let hashes = ip_hashes(&ingest, &scope, &["1.1.1.1", "2.2.2.2", "3.3.3.3"]).await;
+    assert_eq!(hashes.len(), 3);
+    assert!(
+        hashes.iter().all(|h| h == &hashes[0]),
+        "spoofed XFF changed the hash: {hashes:?}"
+    );
+    // The bucket of the real peer is empty now, whatever address is claimed.
+    let (status, headers, env) = send(
+        http()
+            .post(ingest.url(PATH))
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", "9.9.9.9")
+            .body(r#"{"code":"A1B2C3D4E5F6"}"#),
+    )
+    .await;
+    assert_eq!(
+        (status, env["msg"].as_str()),
+        (429, Some("rate limit exceeded"))
+    );
+    let retry: u64 = headers["retry-after"]
+        .to_str()
+        .expect("v")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry), "{retry}");
+
+    let (scope, ingest) = start(
+        "contract_xff_trusted",
+        &[("INGEST_TRUSTED_PROXIES", "127.0.0.0/8")],
+    )
+    .await;
+    let hashes = ip_hashes(&ingest, &scope, &["6.6.6.6, 1.1.1.1", "2.2.2.2"]).await;
+    assert_eq!(hashes.len(), 2);
+    assert_ne!(hashes[0], hashes[1]);
+}
+
+/// A flood from one IP gets 429s with Retry-After (not charged, not published); other
+/// clients (here: other addresses behind a trusted proxy) are unaffected.
+#[tokio::test(flavor = "multi_thread")]
+async fn flood_from_one_ip_is_limited_others_are_not() {
+    let (scope, ingest) = start(
+        "contract_flood",
+        &[
+            ("INGEST_TRUSTED_PROXIES", "127.0.0.1/32"),
+            ("INGEST_RATE_LIMIT_BURST", "20"),
+            ("INGEST_RATE_LIMIT_PER_MINUTE", "120"),
+        ],
+    )
+    .await;
+    let c = http();
+    let post = |ip: &'static str| {
+        c.post(ingest.url(PATH))
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", ip)
+            .body(r#"{"code":"A1B2C3D4E5F6"}"#)
+    };
+    let mut ok = 0;
+    let mut limited = 0;
+    for _ in 0..200 {
+        let (status, headers, _) = send(post("198.51.100.1")).await;
+        match status {
+            200 => ok += 1,
+            429 => {
+                assert!(headers.contains_key("retry-after"));
+                limited += 1;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    // Burst 20 plus at most a few refills (2 a second) while the loop ran.
+    assert!((20..=30).contains(&ok), "{ok} accepted");
+    assert_eq!(ok + limited, 200);
+    for ip in ["198.51.100.2", "198.51.100.3"] {
+        assert_eq!(send(post(ip)).await.0, 200, "{ip} must not be limited");
+    }
+    let records = read_topic(&scope.brokers, &scope.topic, ok + 3, Duration::from_secs(5));
+    assert_eq!(records.len(), ok + 2, "429 answers must publish nothing");
+    let m = metric_value(&ingest.url("/metrics"), "ingest_rate_limited_total").await;
+    assert_eq!(m as usize, limited);
+}
+
+/// Slow and oversized clients are cut off quickly, without taking the server down.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_oversized_clients_are_bounded() {
+    let (_scope, ingest) = start(
+        "contract_slow",
+        &[
+            ("INGEST_HEADER_TIMEOUT_MS", "500"),
+            ("INGEST_BODY_TIMEOUT_MS", "500"),
+        ],
+    )
+    .await;
+
+    // Slowloris: headers that never end. The server closes the connection.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(ingest.addr).await.expect("connect");
+    s.write_all(b"POST /api/v1/referrals/click HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("server must close the connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Slow body: declared 100 bytes, sends 10. Answer 408 in the envelope.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(ingest.addr).await.expect("connect");
+    s.write_all(b"POST /api/v1/referrals/click HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"code\":\"A").await.expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains(r#""code":408"#), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // Huge headers: refused (431) by the HTTP layer.
+    let r = http()
+        .post(ingest.url(PATH))
+        .header("content-type", "application/json")
+        .header("x-big", "a".repeat(64 * 1024))
+        .body("{}")
+        .send()
+        .await;
+    if let Ok(r) = r {
+        assert_eq!(r.status(), 431);
+    }
+
+    // The server still answers.
+    assert_eq!(send(http().get(ingest.url("/healthz"))).await.0, 200);
+}
+
+/// Bot User-Agents are classified at ingest and the flag travels in the event.
+#[tokio::test(flavor = "multi_thread")]
+async fn bots_are_flagged() {
+    let (scope, ingest) = start("contract_bots", &[]).await;
+    let c = http();
+    for ua in ["Googlebot/2.1 (+http://www.google.com/bot.html)", "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_1) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Safari/605.1.15"] {
+        let (status, _, _) = send(c.post(ingest.url(PATH)).header("content-type", "application/json").header("user-agent", ua).body(r#"{"code":"A1B2C3D4E5F6"}"#)).await;
+        assert_eq!(status, 200);
+    }
+    let mut flags: Vec<bool> = read_topic(&scope.brokers, &scope.topic, 2, Duration::from_secs(5))
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Value>(&r.payload).expect("event")["is_bot"]
+                .as_bool()
+                .expect("bool")
+        })
+        .collect();
+    flags.sort();
+    assert_eq!(flags, vec![false, true]);
+}
+
+/// Broker down at start: ingest starts, is not ready, answers 503 with Retry-After;
+/// when the broker comes, it recovers by itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_down_at_start_then_recovers() {
+    let addr = free_addr();
+    let ingest = Ingest::start(&IngestOptions {
+        brokers: addr.to_string(),
+        topic: "referral_clicks".into(),
+        extra_env: vec![],
+    });
+    let c = http();
+    eventually("ingest listening", Duration::from_secs(20), || {
+        let c = c.clone();
+        let url = ingest.url("/healthz");
+        async move { c.get(url).send().await.ok().map(|_| ()) }
+    })
+    .await;
+    assert_eq!(send(c.get(ingest.url("/readyz"))).await.0, 503);
+    let started = Instant::now();
+    let (status, headers, env) = send(
+        c.post(ingest.url(PATH))
+            .header("content-type", "application/json")
+            .body(r#"{"code":"A1B2C3D4E5F6"}"#),
+    )
+    .await;
+    assert_eq!(
+        (status, env["msg"].as_str()),
+        (503, Some("service unavailable"))
+    );
+    assert!(headers.contains_key("retry-after"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once when the broker is known down"
+    );
+
+    // The broker arrives on that address.
+    let broker_dir = std::env::temp_dir().join(unique("tansu_late"));
+    std::fs::create_dir_all(&broker_dir).expect("dir");
+    let tansu = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
+        format!(
+            "{}/.cargo/bin/tansu",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let url = format!("tcp://{addr}");
+    let mut cmd = std::process::Command::new(tansu);
+    cmd.current_dir(&broker_dir).args([
+        "broker",
+        "--listener-url",
+        &url,
+        "--advertised-listener-url",
+        &url,
+        "--storage-engine",
+        "sqlite://tansu.db",
+    ]);
+    let _broker = Proc::spawn("tansu", cmd);
+    eventually("late broker", Duration::from_secs(20), || async move {
+        TcpStream::connect(addr).await.ok().map(|_| ())
+    })
+    .await;
+    create_topic(&addr.to_string(), "referral_clicks", 2).await;
+
+    ingest.ready().await;
+    let (status, _, env) = send(
+        c.post(ingest.url(PATH))
+            .header("content-type", "application/json")
+            .body(r#"{"code":"A1B2C3D4E5F6"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{env}");
+    let _ = std::fs::remove_dir_all(&broker_dir);
+}
+
+/// SIGTERM under load: in-flight requests are answered, every 200 is in the topic.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_answers_in_flight_requests_and_delivers_them() {
+    let (scope, mut ingest) = start(
+        "contract_sigterm",
+        &[
+            ("INGEST_RATE_LIMIT_BURST", "100000"),
+            ("INGEST_RATE_LIMIT_PER_MINUTE", "100000"),
+        ],
+    )
+    .await;
+    let c = http();
+    let url = ingest.url(PATH);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ok = Vec::new();
+            let mut failed = 0;
+            for _ in 0..400 {
+                let id = random_click_id();
+                match c
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(json!({"code":"A1B2C3D4E5F6","click_id": id}).to_string())
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 200 => ok.push(id),
+                    Ok(r) => assert!(r.status() == 503, "unexpected {}", r.status()),
+                    Err(_) => failed += 1, // connection refused after shutdown
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let s = ingest.proc.terminate(Duration::from_secs(30));
+        (s, ingest)
+    })
+    .await
+    .expect("join");
+    assert!(
+        status.0.is_some_and(|s| s.success()),
+        "ingest must exit cleanly on SIGTERM: {:?}",
+        status.0
+    );
+    let mut accepted = Vec::new();
+    for t in tasks {
+        accepted.extend(t.await.expect("task").0);
+    }
+    assert!(!accepted.is_empty());
+    let records = read_topic(
+        &scope.brokers,
+        &scope.topic,
+        accepted.len(),
+        Duration::from_secs(10),
+    );
+    let published: std::collections::HashSet<String> = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.key).into_owned())
+        .collect();
+    let missing = accepted
+        .iter()
+        .filter(|id| !published.contains(*id))
+        .count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} answered 200 but not in Kafka",
+        accepted.len()
+    );
+}
