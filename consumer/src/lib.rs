@@ -50,6 +50,7 @@ async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = shared::telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    shared::metric_names::register_consumer();
     let listener = TcpListener::bind(config.listen).await?;
     let health = Arc::new(ops::Health::default());
     let stop_ops = CancellationToken::new();

@@ -26,6 +26,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let validated = config.validate().map_err(anyhow::Error::msg)?;
     let metrics = shared::telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    shared::metric_names::register_ingest();
     let sink = Arc::new(KafkaSink::new(&config)?);
     // Broker down at start: start anyway, report not ready, recover by itself.
     if !sink.check_now().await {

@@ -24,3 +24,102 @@ pub const PARTITION_LAG: &str = "consumer_partition_lag_messages"; // labels: pa
 pub const OLDEST_UNFLUSHED_AGE: &str = "consumer_oldest_unflushed_age_seconds";
 pub const BUFFERED_ROWS: &str = "consumer_buffered_rows";
 pub const CLICKHOUSE_UP: &str = "consumer_clickhouse_up";
+
+/// Describes the ingest metrics and creates every counter at zero (with its known label
+/// values), so dashboards and alerts see a 0 instead of "no data" on a healthy pipeline.
+pub fn register_ingest() {
+    use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP responses by route and status");
+    describe_histogram!(
+        HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "HTTP request duration by route"
+    );
+    describe_counter!(
+        CLICKS_ACCEPTED_TOTAL,
+        "Clicks acknowledged by the broker and answered 200"
+    );
+    describe_counter!(CLICKS_REJECTED_TOTAL, "Click requests refused, by reason");
+    describe_histogram!(
+        PRODUCE_DURATION,
+        Unit::Seconds,
+        "Time from produce to the broker's acknowledgement"
+    );
+    describe_counter!(PRODUCE_ERRORS_TOTAL, "Clicks not published, by cause");
+    describe_gauge!(
+        PRODUCER_QUEUE_MESSAGES,
+        "Messages in the producer queue awaiting acknowledgement"
+    );
+    describe_counter!(
+        RATE_LIMITED_TOTAL,
+        "Requests refused by the per-IP rate limit"
+    );
+    describe_gauge!(
+        BROKER_UP,
+        "1 when the broker answered the last metadata request"
+    );
+    counter!(CLICKS_ACCEPTED_TOTAL).increment(0);
+    counter!(RATE_LIMITED_TOTAL).increment(0);
+    for reason in [
+        "invalid_params",
+        "payload_too_large",
+        "unsupported_media_type",
+        "rate_limited",
+        "request_timeout",
+        "unavailable",
+        "internal",
+    ] {
+        counter!(CLICKS_REJECTED_TOTAL, "reason" => reason).increment(0);
+    }
+    for cause in ["queue_full", "timeout", "not_ready", "broker"] {
+        counter!(PRODUCE_ERRORS_TOTAL, "cause" => cause).increment(0);
+    }
+}
+
+/// Describes the consumer metrics and creates every counter at zero.
+pub fn register_consumer() {
+    use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(CONSUMED_TOTAL, "Messages read from the clicks topic");
+    describe_counter!(INSERTED_ROWS_TOTAL, "Rows ClickHouse accepted");
+    describe_counter!(
+        DUPLICATES_SKIPPED_TOTAL,
+        "Rows not inserted because they were already stored or repeat a click id"
+    );
+    describe_counter!(
+        DLQ_TOTAL,
+        "Messages sent to the dead-letter topic, by reason"
+    );
+    describe_histogram!(BATCH_ROWS, Unit::Count, "Rows per insert");
+    describe_histogram!(
+        INSERT_DURATION,
+        Unit::Seconds,
+        "Duration of successful inserts"
+    );
+    describe_counter!(
+        INSERT_ERRORS_TOTAL,
+        "Failed flush attempts (the batch is kept and retried)"
+    );
+    describe_gauge!(
+        PARTITION_LAG,
+        "Messages behind the partition's high watermark"
+    );
+    describe_gauge!(
+        OLDEST_UNFLUSHED_AGE,
+        Unit::Seconds,
+        "Age of the oldest message not yet in ClickHouse"
+    );
+    describe_gauge!(BUFFERED_ROWS, "Rows held in memory awaiting insert");
+    describe_gauge!(
+        CLICKHOUSE_UP,
+        "1 when ClickHouse answered the last check or insert"
+    );
+    counter!(CONSUMED_TOTAL).increment(0);
+    counter!(INSERTED_ROWS_TOTAL).increment(0);
+    counter!(INSERT_ERRORS_TOTAL).increment(0);
+    for cause in ["already_stored", "same_click_id"] {
+        counter!(DUPLICATES_SKIPPED_TOTAL, "cause" => cause).increment(0);
+    }
+    for reason in ["malformed", "version", "invalid", "empty", "other"] {
+        counter!(DLQ_TOTAL, "reason" => reason).increment(0);
+    }
+}

@@ -1,0 +1,7 @@
+-- Human clicks and unique visitors by landing path.
+SELECT landing_path, countMerge(clicks) AS clicks, uniqMerge(visitors) AS visitors
+FROM clicks_by_path_daily
+WHERE day >= toDate($__fromTime) AND day <= toDate($__toTime) AND is_bot = 0
+GROUP BY landing_path
+ORDER BY clicks DESC, landing_path
+LIMIT 50

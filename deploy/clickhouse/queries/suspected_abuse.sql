@@ -1,0 +1,8 @@
+-- One ip_hash clicking one code 30 or more times within an hour.
+SELECT hour, code, hex(ip_hash) AS ip_hash, sum(clicks) AS clicks
+FROM ip_code_hourly
+WHERE $__timeFilter(hour)
+GROUP BY hour, code, ip_hash
+HAVING clicks >= 30
+ORDER BY clicks DESC, hour, code
+LIMIT 100

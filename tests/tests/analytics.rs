@@ -1,0 +1,359 @@
+//! Attribution analytics: a data set with known answers goes through the real pipeline
+//! (HTTP → ingest → broker → consumer → ClickHouse materialized views); then every SQL
+//! panel of the provisioned dashboards — taken from the dashboard JSON, and required to
+//! equal one of the named queries in deploy/clickhouse/queries — must return those answers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use e2e::*;
+use serde_json::{json, Value};
+
+const HUMAN_UA: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36";
+const BOT_UA: &str = "Googlebot/2.1 (+http://www.google.com/bot.html)";
+const A: &str = "CODEAAAAAAAA";
+const B: &str = "CODEBBBBBBBB";
+const C: &str = "CODECCCCCCCC";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Click {
+    code: &'static str,
+    ip: String,
+    ua: &'static str,
+    path: &'static str,
+    utm: (&'static str, &'static str, &'static str),
+    click_id: String,
+}
+
+fn data_set() -> Vec<Click> {
+    let mut clicks = Vec::new();
+    let mut add = |code, ip: String, ua, path, utm| {
+        clicks.push(Click {
+            code,
+            ip,
+            ua,
+            path,
+            utm,
+            click_id: random_click_id(),
+        });
+    };
+    // A: 10 visitors × 5 clicks, newsletter/email/spring, /pricing.
+    for v in 0..10 {
+        for _ in 0..5 {
+            add(
+                A,
+                format!("10.1.0.{v}"),
+                HUMAN_UA,
+                "/pricing",
+                ("newsletter", "email", "spring"),
+            );
+        }
+    }
+    // B: 20 visitors × 1 click plus one address clicking 35 times (suspected abuse).
+    for v in 0..20 {
+        add(
+            B,
+            format!("10.2.0.{v}"),
+            HUMAN_UA,
+            "/signup",
+            ("twitter", "social", "launch"),
+        );
+    }
+    for _ in 0..35 {
+        add(
+            B,
+            "10.7.7.7".into(),
+            HUMAN_UA,
+            "/signup",
+            ("twitter", "social", "launch"),
+        );
+    }
+    // C: one human visitor × 5 clicks, and a crawler × 10.
+    for _ in 0..5 {
+        add(C, "10.3.0.1".into(), HUMAN_UA, "/", ("", "", ""));
+    }
+    for _ in 0..10 {
+        add(C, "10.9.9.9".into(), BOT_UA, "/", ("", "", ""));
+    }
+    clicks
+}
+
+/// The answer of each named query for the data set, as rows of strings (TSV cells).
+fn expected(abuse_ip_hash: &str) -> BTreeMap<&'static str, Vec<Vec<String>>> {
+    let rows = |r: &[&[&str]]| {
+        r.iter()
+            .map(|row| row.iter().map(|c| (*c).to_owned()).collect())
+            .collect()
+    };
+    let today = chrono_free_today();
+    let mut m = BTreeMap::new();
+    m.insert("totals", rows(&[&["110", "32", "10"]]));
+    m.insert("credits_per_day", rows(&[&[&today, "120"]]));
+    m.insert(
+        "top_codes",
+        rows(&[&[B, "55", "21"], &[A, "50", "10"], &[C, "5", "1"]]),
+    );
+    m.insert(
+        "utm_breakdown",
+        rows(&[
+            &["twitter", "social", "launch", "55", "21"],
+            &["newsletter", "email", "spring", "50", "10"],
+            &["", "", "", "5", "1"],
+        ]),
+    );
+    m.insert(
+        "landing_paths",
+        rows(&[
+            &["/signup", "55", "21"],
+            &["/pricing", "50", "10"],
+            &["/", "5", "1"],
+        ]),
+    );
+    m.insert(
+        "bot_share",
+        rows(&[&[&today, "120", "10", "0.08333333333333333"]]),
+    );
+    m.insert(
+        "suspected_abuse",
+        rows(&[&["<hour>", B, abuse_ip_hash, "35"]]),
+    );
+    m.insert(
+        "clicks_over_time",
+        rows(&[
+            &["<hour>", A, "50", "10"],
+            &["<hour>", B, "55", "21"],
+            &["<hour>", C, "5", "1"],
+        ]),
+    );
+    m
+}
+
+fn chrono_free_today() -> String {
+    // YYYY-MM-DD in UTC from the Unix time, without a date crate.
+    let days = (shared::now_ms() / 1000 / 86_400) as i64;
+    let (y, mo, d) = civil_from_days(days);
+    format!("{y:04}-{mo:02}-{d:02}")
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Expands the Grafana ClickHouse macros the way the plugin does.
+fn expand_macros(sql: &str, from: u64, to: u64) -> String {
+    let mut out = sql
+        .replace("$__fromTime", &format!("toDateTime({from})"))
+        .replace("$__toTime", &format!("toDateTime({to})"));
+    while let Some(start) = out.find("$__timeFilter(") {
+        let rest = &out[start + "$__timeFilter(".len()..];
+        let end = rest.find(')').expect("closing parenthesis");
+        let column = rest[..end].trim().to_owned();
+        let replacement =
+            format!("{column} >= toDateTime({from}) AND {column} <= toDateTime({to})");
+        out.replace_range(
+            start..start + "$__timeFilter(".len() + end + 1,
+            &replacement,
+        );
+    }
+    out
+}
+
+fn named_queries() -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    for entry in std::fs::read_dir(root().join("deploy/clickhouse/queries")).expect("queries dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "sql") {
+            let name = path
+                .file_stem()
+                .expect("stem")
+                .to_string_lossy()
+                .into_owned();
+            m.insert(
+                name,
+                std::fs::read_to_string(&path)
+                    .expect("read")
+                    .trim()
+                    .to_owned(),
+            );
+        }
+    }
+    m
+}
+
+fn dashboard_sql_panels() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root().join("deploy/grafana/dashboards")).expect("dashboards") {
+        let path = entry.expect("entry").path();
+        let board: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read"))
+            .expect("dashboard json");
+        for panel in board["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                if let Some(sql) = target["rawSql"].as_str() {
+                    out.push((
+                        panel["title"].as_str().unwrap_or("").to_owned(),
+                        sql.trim().to_owned(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboards_and_named_queries_answer_the_known_data_set() {
+    // The data set must land within one clock hour (the hourly answers assume it).
+    let secs_in_hour = (shared::now_ms() / 1000) % 3600;
+    if secs_in_hour > 3540 {
+        tokio::time::sleep(Duration::from_secs(3600 - secs_in_hour + 1)).await;
+    }
+
+    let scope = Scope::new("analytics", 4).await;
+    let consumer = ConsumerProc::start(&scope.consumer_options());
+    let mut opts = scope.ingest_options();
+    opts.extra_env = vec![
+        ("INGEST_TRUSTED_PROXIES".into(), "127.0.0.0/8".into()),
+        ("INGEST_RATE_LIMIT_BURST".into(), "1000".into()),
+    ];
+    let ingest = Ingest::start(&opts);
+    ingest.ready().await;
+    consumer.ready().await;
+
+    let c = http();
+    let url = ingest.url("/api/v1/referrals/click");
+    let clicks = data_set();
+    for click in &clicks {
+        let body = json!({
+            "code": click.code, "click_id": click.click_id, "landing_path": click.path,
+            "utm_source": click.utm.0, "utm_medium": click.utm.1, "utm_campaign": click.utm.2,
+        });
+        let r = c
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", &click.ip)
+            .header("user-agent", click.ua)
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 200);
+    }
+    // A client retry of an existing click and refused requests change nothing.
+    let retry = json!({"code": A, "click_id": clicks[0].click_id, "landing_path": "/pricing", "utm_source": "newsletter", "utm_medium": "email", "utm_campaign": "spring"});
+    let r = c
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("x-forwarded-for", "10.1.0.0")
+        .header("user-agent", HUMAN_UA)
+        .body(retry.to_string())
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(r.status(), 200);
+    let r = c
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(r#"{"code":"bad"}"#)
+        .send()
+        .await
+        .expect("bad");
+    assert_eq!(r.status(), 400);
+
+    let (count, uniq) = scope
+        .wait_rows(clicks.len() as u64, Duration::from_secs(30))
+        .await;
+    // The retry is consumed after the originals; wait until the consumer has seen it.
+    eventually("retry consumed", Duration::from_secs(20), || async {
+        (consumer.metric("consumer_messages_consumed_total").await >= clicks.len() as f64 + 1.0)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(scope.ch.counts(&scope.table).await, (count, uniq));
+    assert_eq!((count, uniq), (120, 120));
+
+    let hasher = shared::hashing::KeyedHasher::new(HASH_KEY.as_bytes(), "e2e1").expect("key");
+    let abuse_hash = hex_upper(&hasher.hash(b"10.7.7.7"));
+    let expected = expected(&abuse_hash);
+    let queries = named_queries();
+    let panels = dashboard_sql_panels();
+    assert!(panels.len() >= 8, "dashboard SQL panels: {}", panels.len());
+
+    let now = shared::now_ms() / 1000;
+    let (from, to) = (now - 86_400, now + 3600);
+    let db = ClickHouse::new(&format!(
+        "{}/?database={}",
+        clickhouse_url(),
+        scope.database
+    ));
+    let mut used = BTreeSet::new();
+    for (title, sql) in &panels {
+        let name = queries
+            .iter()
+            .find(|(_, q)| *q == sql)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_else(|| panic!("panel {title:?} has SQL that is not a named query (drift)"));
+        used.insert(name.clone());
+        let text = db
+            .query(&format!("{} FORMAT TSV", expand_macros(sql, from, to)))
+            .await;
+        let got: Vec<Vec<String>> = text
+            .lines()
+            .map(|l| l.split('\t').map(str::to_owned).collect())
+            .collect();
+        let want = expected
+            .get(name.as_str())
+            .unwrap_or_else(|| panic!("no expected answer for {name}"));
+        assert_eq!(got.len(), want.len(), "{name}: {got:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.len(), w.len(), "{name}: {g:?} vs {w:?}");
+            for (gc, wc) in g.iter().zip(w) {
+                if wc == "<hour>" {
+                    assert!(gc.ends_with(":00:00"), "{name}: {gc} is not an hour");
+                } else {
+                    assert_eq!(gc, wc, "{name}: {g:?} vs {w:?}");
+                }
+            }
+        }
+    }
+    let unused: Vec<_> = queries.keys().filter(|q| !used.contains(*q)).collect();
+    assert!(unused.is_empty(), "named queries no panel uses: {unused:?}");
+
+    // The raw table answers the same as the aggregates (the views count each click once).
+    let raw = db
+        .query(&format!("SELECT countIf(is_bot = 0), uniqExactIf((ip_hash, ua_hash), is_bot = 0), countIf(is_bot = 1) FROM {} FORMAT TSV", scope.table))
+        .await;
+    assert_eq!(raw.trim(), "110\t32\t10");
+    scope.drop_database().await;
+}
+
+fn hex_upper(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02X}")).collect()
+}
+
+#[test]
+fn macros_expand_like_the_grafana_plugin() {
+    assert_eq!(
+        expand_macros(
+            "WHERE $__timeFilter(hour) AND day >= toDate($__fromTime)",
+            10,
+            20
+        ),
+        "WHERE hour >= toDateTime(10) AND hour <= toDateTime(20) AND day >= toDate(toDateTime(10))"
+    );
+    assert_eq!(civil_from_days(0), (1970, 1, 1));
+    assert_eq!(civil_from_days(20_000), (2024, 10, 4));
+}
