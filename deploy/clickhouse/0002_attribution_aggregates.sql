@@ -1,53 +1,97 @@
--- Aggregates for dashboards, filled by materialized views as rows are inserted, so
--- queries read small tables instead of the raw clicks. The consumer writes each click
--- once, so every aggregate counts each click once. `visitors` is uniq() of the
--- (ip_hash, ua_hash) pair: exact up to 65,536 distinct pairs per group, a close estimate
--- beyond. Works on 18.16 and current servers.
+-- Aggregates for dashboards, filled by materialized views as rows are inserted, so each
+-- dashboard query reads a small table shaped for it. The consumer writes each click once,
+-- so every aggregate counts each click once.
+--
+-- Unique visitors are uniqHLL12 states of the (ip_hash, ua_hash) pair: a fixed 2.5 KB
+-- state that merges fast, exact up to 16 visitors and about 1.6% off beyond (exact `uniq`
+-- states made 30-day panels take seconds at 100 M clicks on 2 cores). Exact numbers for one
+-- code come from the raw table: uniqExact(ip_hash, ua_hash) WHERE code = '…'.
+-- Works on 18.16 and current servers.
 
--- Per day × code × utm source/medium/campaign × bot flag.
+-- Clicks per code and day, no visitor state: ranks codes cheaply (top-N subqueries).
+CREATE TABLE IF NOT EXISTS code_clicks_daily
+(
+    day    Date,
+    code   String,
+    is_bot UInt8,
+    clicks UInt64
+)
+ENGINE = SummingMergeTree(clicks)
+PARTITION BY toYYYYMM(day)
+ORDER BY (day, code, is_bot);
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS code_clicks_daily_mv TO code_clicks_daily AS
+SELECT toDate(received_at) AS day, code, is_bot, count() AS clicks
+FROM {{clicks_table}}
+GROUP BY day, code, is_bot;
+
+-- Per code × day × utm source/medium/campaign × bot flag; ordered by code.
 CREATE TABLE IF NOT EXISTS clicks_daily
 (
-    day          Date,
     code         String,
+    day          Date,
     utm_source   LowCardinality(String),
     utm_medium   LowCardinality(String),
     utm_campaign LowCardinality(String),
     is_bot       UInt8,
     clicks       AggregateFunction(count),
-    visitors     AggregateFunction(uniq, FixedString(32), FixedString(32))
+    visitors     AggregateFunction(uniqHLL12, FixedString(32), FixedString(32))
 )
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(day)
-ORDER BY (day, code, utm_source, utm_medium, utm_campaign, is_bot);
+ORDER BY (code, day, utm_source, utm_medium, utm_campaign, is_bot);
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS clicks_daily_mv TO clicks_daily AS
 SELECT
-    toDate(received_at) AS day, code, utm_source, utm_medium, utm_campaign, is_bot,
+    code, toDate(received_at) AS day, utm_source, utm_medium, utm_campaign, is_bot,
     countState() AS clicks,
-    uniqState(ip_hash, ua_hash) AS visitors
+    uniqHLL12State(ip_hash, ua_hash) AS visitors
 FROM {{clicks_table}}
-GROUP BY day, code, utm_source, utm_medium, utm_campaign, is_bot;
+GROUP BY code, day, utm_source, utm_medium, utm_campaign, is_bot;
 
--- Per hour × code × bot flag: time series at hour resolution.
+-- Per code × hour × bot flag: time series; ordered by code.
 CREATE TABLE IF NOT EXISTS clicks_hourly
 (
-    hour     DateTime('UTC'),
     code     String,
+    hour     DateTime('UTC'),
     is_bot   UInt8,
     clicks   AggregateFunction(count),
-    visitors AggregateFunction(uniq, FixedString(32), FixedString(32))
+    visitors AggregateFunction(uniqHLL12, FixedString(32), FixedString(32))
 )
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
-ORDER BY (hour, code, is_bot);
+ORDER BY (code, hour, is_bot);
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS clicks_hourly_mv TO clicks_hourly AS
 SELECT
-    toStartOfHour(received_at) AS hour, code, is_bot,
+    code, toStartOfHour(received_at) AS hour, is_bot,
     countState() AS clicks,
-    uniqState(ip_hash, ua_hash) AS visitors
+    uniqHLL12State(ip_hash, ua_hash) AS visitors
 FROM {{clicks_table}}
-GROUP BY hour, code, is_bot;
+GROUP BY code, hour, is_bot;
+
+-- Per day × utm triple × bot flag (all codes).
+CREATE TABLE IF NOT EXISTS utm_daily
+(
+    day          Date,
+    utm_source   LowCardinality(String),
+    utm_medium   LowCardinality(String),
+    utm_campaign LowCardinality(String),
+    is_bot       UInt8,
+    clicks       AggregateFunction(count),
+    visitors     AggregateFunction(uniqHLL12, FixedString(32), FixedString(32))
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(day)
+ORDER BY (day, utm_source, utm_medium, utm_campaign, is_bot);
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS utm_daily_mv TO utm_daily AS
+SELECT
+    toDate(received_at) AS day, utm_source, utm_medium, utm_campaign, is_bot,
+    countState() AS clicks,
+    uniqHLL12State(ip_hash, ua_hash) AS visitors
+FROM {{clicks_table}}
+GROUP BY day, utm_source, utm_medium, utm_campaign, is_bot;
 
 -- Per day × landing path × bot flag.
 CREATE TABLE IF NOT EXISTS clicks_by_path_daily
@@ -56,7 +100,7 @@ CREATE TABLE IF NOT EXISTS clicks_by_path_daily
     landing_path String,
     is_bot       UInt8,
     clicks       AggregateFunction(count),
-    visitors     AggregateFunction(uniq, FixedString(32), FixedString(32))
+    visitors     AggregateFunction(uniqHLL12, FixedString(32), FixedString(32))
 )
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(day)
@@ -66,12 +110,32 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS clicks_by_path_daily_mv TO clicks_by_path
 SELECT
     toDate(received_at) AS day, landing_path, is_bot,
     countState() AS clicks,
-    uniqState(ip_hash, ua_hash) AS visitors
+    uniqHLL12State(ip_hash, ua_hash) AS visitors
 FROM {{clicks_table}}
 GROUP BY day, landing_path, is_bot;
 
+-- Per day × bot flag: totals and bot share.
+CREATE TABLE IF NOT EXISTS totals_daily
+(
+    day      Date,
+    is_bot   UInt8,
+    clicks   AggregateFunction(count),
+    visitors AggregateFunction(uniqHLL12, FixedString(32), FixedString(32))
+)
+ENGINE = AggregatingMergeTree
+ORDER BY (day, is_bot);
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS totals_daily_mv TO totals_daily AS
+SELECT
+    toDate(received_at) AS day, is_bot,
+    countState() AS clicks,
+    uniqHLL12State(ip_hash, ua_hash) AS visitors
+FROM {{clicks_table}}
+GROUP BY day, is_bot;
+
 -- Per hour × code × ip_hash: the suspected-abuse question (one address clicking one code
--- many times an hour).
+-- many times an hour). Its cardinality is about that of the clicks, so its panel looks at
+-- the last 24 hours.
 CREATE TABLE IF NOT EXISTS ip_code_hourly
 (
     hour    DateTime('UTC'),

@@ -26,9 +26,11 @@ def grid(i, w=12, h=8):
     return {"h": h, "w": w, "x": (i % per_row) * w, "y": (i // per_row) * h}
 
 
-def sql_panel(i, title, query, kind="table", w=12):
+def sql_panel(i, title, query, kind="table", w=12, time_from=None):
     fmt = 0 if kind == "timeseries" else 1
+    extra = {"timeFrom": time_from} if time_from else {}
     return {
+        **extra,
         "id": i + 1,
         "title": title,
         "type": kind,
@@ -83,12 +85,12 @@ attribution = dashboard(
     [
         sql_panel(0, "Totals (human clicks, unique visitors, bot clicks)", "totals", "stat"),
         sql_panel(1, "Credits used per day", "credits_per_day", "timeseries"),
-        sql_panel(2, "Clicks and unique visitors per code", "clicks_over_time", "timeseries"),
+        sql_panel(2, "Clicks and unique visitors per hour, top 10 codes", "clicks_over_time", "timeseries"),
         sql_panel(3, "Top codes", "top_codes"),
         sql_panel(4, "By utm source / medium / campaign", "utm_breakdown"),
         sql_panel(5, "By landing path", "landing_paths"),
         sql_panel(6, "Bot share per day", "bot_share", "timeseries"),
-        sql_panel(7, "Suspected abuse (one ip_hash, one code, ≥ 30 clicks an hour)", "suspected_abuse"),
+        sql_panel(7, "Suspected abuse, last 24 h (one ip_hash, one code, ≥ 30 clicks an hour)", "suspected_abuse", time_from="24h"),
     ],
     "now-7d",
 )

@@ -3,7 +3,7 @@ SELECT day AS time, sum(c) AS clicks, sumIf(c, is_bot = 1) AS bot_clicks, bot_cl
 FROM
 (
     SELECT day, is_bot, countMerge(clicks) AS c
-    FROM clicks_daily
+    FROM totals_daily
     WHERE day >= toDate($__fromTime) AND day <= toDate($__toTime)
     GROUP BY day, is_bot
 )

@@ -1,0 +1,168 @@
+//! Dashboard query speed on a large data set.
+//!
+//! Loads N synthetic clicks (default 100 million) through the consumer's own insert path
+//! (`Writer::insert`, RowBinary, into a database migrated like production, so the
+//! materialized views do their real work), then times every named query of
+//! deploy/clickhouse/queries over the dashboards' default range (7 days) and over 30 days.
+//! Target: each under one second on this 2-core machine.
+//!
+//!     cargo run --release -p e2e --bin bench_queries -- [ROWS] [--reuse]
+//!
+//! `--reuse` skips loading when the bench database already holds ROWS rows.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser as _;
+use consumer::config::Cli;
+use consumer::row::ClickRow;
+use consumer::writer::Writer;
+
+const DATABASE: &str = "bench_queries";
+const CODES: u64 = 10_000;
+const VISITORS: u64 = 2_000_000;
+const DAYS: u64 = 30;
+
+/// splitmix64: fast, deterministic, good enough for synthetic data.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn digest(seed: u64) -> [u8; 32] {
+    let mut r = Rng(seed);
+    let mut out = [0u8; 32];
+    for chunk in out.chunks_mut(8) {
+        chunk.copy_from_slice(&r.next().to_le_bytes());
+    }
+    out
+}
+
+const SOURCES: [&str; 8] = ["newsletter", "twitter", "facebook", "google", "linkedin", "reddit", "partner", ""];
+const MEDIA: [&str; 5] = ["email", "social", "cpc", "referral", ""];
+
+fn row(r: &mut Rng, now: u64, topic: &str, offset: u64) -> ClickRow {
+    // Skewed popularity: a few codes and visitors get most clicks.
+    let code = (CODES as f64 * r.unit().powi(3)) as u64;
+    let visitor = (VISITORS as f64 * r.unit().powi(2)) as u64;
+    let is_bot = r.next() % 20 == 0;
+    let at_ms = now * 1000 - r.next() % (DAYS * 86_400_000);
+    ClickRow {
+        click_id: format!("refclk_{:016x}{:016x}", r.next(), r.next()),
+        code: format!("C{code:011}"),
+        landing_path: format!("/p/{}", (code * 7 + visitor) % 500),
+        utm_source: SOURCES[(code % 8) as usize].to_owned(),
+        utm_medium: MEDIA[(code % 5) as usize].to_owned(),
+        utm_campaign: format!("campaign-{}", code % 50),
+        ip_hash: digest(visitor),
+        ua_hash: digest(visitor % 97 + 1_000_000_007),
+        key_id: "k1".into(),
+        is_bot: u8::from(is_bot),
+        received_at: (at_ms / 1000) as u32,
+        received_at_ms: at_ms,
+        kafka_topic: topic.to_owned(),
+        kafka_partition: (offset % 8) as u16,
+        kafka_offset: offset,
+    }
+}
+
+fn expand(sql: &str, from: u64, to: u64) -> String {
+    let mut out = sql.replace("$__fromTime", &format!("toDateTime({from})")).replace("$__toTime", &format!("toDateTime({to})"));
+    while let Some(start) = out.find("$__timeFilter(") {
+        let rest = &out[start + 14..];
+        let end = rest.find(')').unwrap_or(0);
+        let column = rest[..end].trim().to_owned();
+        out.replace_range(start..start + 14 + end + 1, &format!("{column} >= toDateTime({from}) AND {column} <= toDateTime({to})"));
+    }
+    out
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rows: u64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(100_000_000);
+    let reuse = args.iter().any(|a| a == "--reuse");
+    let url = e2e::clickhouse_url();
+    let cli = Cli::try_parse_from(["consumer", "--clickhouse-url", &url, "--clickhouse-database", DATABASE])?;
+    let config = cli.config;
+    let ch = e2e::ClickHouse::new(&url);
+    let table = format!("{DATABASE}.referral_clicks");
+
+    let existing = ch.counts(&table).await.0;
+    if !(reuse && existing == rows) {
+        ch.query(&format!("DROP DATABASE IF EXISTS {DATABASE}")).await;
+        let client = consumer::writer::base_client(&config);
+        consumer::migrations::apply(&client, DATABASE, "referral_clicks").await?;
+        let writer = Writer::new(&config);
+        let now = shared::now_ms() / 1000;
+        let block = 500_000u64;
+        let started = Instant::now();
+        let mut rng = Rng(42);
+        let mut offset = 0u64;
+        let mut buf = Vec::with_capacity(block as usize);
+        while offset < rows {
+            buf.clear();
+            for _ in 0..block.min(rows - offset) {
+                buf.push(row(&mut rng, now, "bench", offset));
+                offset += 1;
+            }
+            writer.insert(&buf, &format!("bench-{offset}")).await?;
+            if offset % 10_000_000 == 0 || offset == rows {
+                let s = started.elapsed().as_secs_f64();
+                eprintln!("loaded {offset} rows in {s:.0} s ({:.0} rows/s)", offset as f64 / s);
+            }
+        }
+        let s = started.elapsed().as_secs_f64();
+        println!("load: {rows} rows in {s:.1} s = {:.0} rows/s (insert path of the consumer, 5 materialized views attached)", rows as f64 / s);
+        // Let background merges settle so timings reflect a steady table.
+        ch.query(&format!("OPTIMIZE TABLE {DATABASE}.clicks_hourly")).await;
+    }
+    let disk = ch
+        .query(&format!("SELECT table, formatReadableSize(sum(bytes)) FROM system.parts WHERE active AND database = '{DATABASE}' GROUP BY table ORDER BY table FORMAT TSV"))
+        .await;
+    println!("table sizes:\n{disk}");
+
+    let now = shared::now_ms() / 1000;
+    let db = e2e::ClickHouse::new(&format!("{url}/?database={DATABASE}"));
+    let mut queries: Vec<(String, String)> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/clickhouse/queries"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .map(|p| (p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), std::fs::read_to_string(&p).unwrap_or_default()))
+        .collect();
+    queries.sort();
+    println!("\n| query | range | min | median | max | ratio to 1 s target |\n|---|---|---|---|---|---|");
+    let mut worst = Duration::ZERO;
+    for (name, sql) in &queries {
+        // The abuse panel has a fixed range of its own (24 h, `timeFrom` in the dashboard).
+        let ranges: &[(&str, u64)] = if name == "suspected_abuse" { &[("24 h (panel)", 1)] } else { &[("7 days", 7), ("30 days", 30)] };
+        for &(label, days) in ranges {
+            let sql = expand(sql, now - days * 86_400, now);
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let t = Instant::now();
+                db.query(&format!("{sql} FORMAT Null")).await;
+                times.push(t.elapsed());
+            }
+            times.sort();
+            worst = worst.max(times[2]);
+            println!(
+                "| {name} | {label} | {:.0} ms | {:.0} ms | {:.0} ms | {:.2} |",
+                times[0].as_secs_f64() * 1e3,
+                times[2].as_secs_f64() * 1e3,
+                times[4].as_secs_f64() * 1e3,
+                times[2].as_secs_f64()
+            );
+        }
+    }
+    println!("\nworst median: {:.0} ms over {rows} rows ({})", worst.as_secs_f64() * 1e3, if worst < Duration::from_secs(1) { "every query under 1 s" } else { "TARGET MISSED" });
+    Ok(())
+}
