@@ -325,8 +325,12 @@ async fn dashboards_and_named_queries_answer_the_known_data_set() {
                 if wc == "<hour>" {
                     assert!(gc.ends_with(":00:00"), "{name}: {gc} is not an hour");
                 } else if let Some(approx) = wc.strip_prefix('~') {
-                    let (g, w): (f64, f64) = (gc.parse().expect("number"), approx.parse().expect("number"));
-                    assert!((g - w).abs() <= (w * 0.05).max(2.0), "{name}: estimate {g} too far from {w}");
+                    let (g, w): (f64, f64) =
+                        (gc.parse().expect("number"), approx.parse().expect("number"));
+                    assert!(
+                        (g - w).abs() <= (w * 0.05).max(2.0),
+                        "{name}: estimate {g} too far from {w}"
+                    );
                 } else {
                     assert_eq!(gc, wc, "{name}: {g:?} vs {w:?}");
                 }

@@ -46,7 +46,16 @@ fn digest(seed: u64) -> [u8; 32] {
     out
 }
 
-const SOURCES: [&str; 8] = ["newsletter", "twitter", "facebook", "google", "linkedin", "reddit", "partner", ""];
+const SOURCES: [&str; 8] = [
+    "newsletter",
+    "twitter",
+    "facebook",
+    "google",
+    "linkedin",
+    "reddit",
+    "partner",
+    "",
+];
 const MEDIA: [&str; 5] = ["email", "social", "cpc", "referral", ""];
 
 fn row(r: &mut Rng, now: u64, topic: &str, offset: u64) -> ClickRow {
@@ -75,12 +84,17 @@ fn row(r: &mut Rng, now: u64, topic: &str, offset: u64) -> ClickRow {
 }
 
 fn expand(sql: &str, from: u64, to: u64) -> String {
-    let mut out = sql.replace("$__fromTime", &format!("toDateTime({from})")).replace("$__toTime", &format!("toDateTime({to})"));
+    let mut out = sql
+        .replace("$__fromTime", &format!("toDateTime({from})"))
+        .replace("$__toTime", &format!("toDateTime({to})"));
     while let Some(start) = out.find("$__timeFilter(") {
         let rest = &out[start + 14..];
         let end = rest.find(')').unwrap_or(0);
         let column = rest[..end].trim().to_owned();
-        out.replace_range(start..start + 14 + end + 1, &format!("{column} >= toDateTime({from}) AND {column} <= toDateTime({to})"));
+        out.replace_range(
+            start..start + 14 + end + 1,
+            &format!("{column} >= toDateTime({from}) AND {column} <= toDateTime({to})"),
+        );
     }
     out
 }
@@ -88,17 +102,27 @@ fn expand(sql: &str, from: u64, to: u64) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let rows: u64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(100_000_000);
+    let rows: u64 = args
+        .iter()
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(100_000_000);
     let reuse = args.iter().any(|a| a == "--reuse");
     let url = e2e::clickhouse_url();
-    let cli = Cli::try_parse_from(["consumer", "--clickhouse-url", &url, "--clickhouse-database", DATABASE])?;
+    let cli = Cli::try_parse_from([
+        "consumer",
+        "--clickhouse-url",
+        &url,
+        "--clickhouse-database",
+        DATABASE,
+    ])?;
     let config = cli.config;
     let ch = e2e::ClickHouse::new(&url);
     let table = format!("{DATABASE}.referral_clicks");
 
     let existing = ch.counts(&table).await.0;
     if !(reuse && existing == rows) {
-        ch.query(&format!("DROP DATABASE IF EXISTS {DATABASE}")).await;
+        ch.query(&format!("DROP DATABASE IF EXISTS {DATABASE}"))
+            .await;
         let client = consumer::writer::base_client(&config);
         consumer::migrations::apply(&client, DATABASE, "referral_clicks").await?;
         let writer = Writer::new(&config);
@@ -117,13 +141,17 @@ async fn main() -> anyhow::Result<()> {
             writer.insert(&buf, &format!("bench-{offset}")).await?;
             if offset % 10_000_000 == 0 || offset == rows {
                 let s = started.elapsed().as_secs_f64();
-                eprintln!("loaded {offset} rows in {s:.0} s ({:.0} rows/s)", offset as f64 / s);
+                eprintln!(
+                    "loaded {offset} rows in {s:.0} s ({:.0} rows/s)",
+                    offset as f64 / s
+                );
             }
         }
         let s = started.elapsed().as_secs_f64();
         println!("load: {rows} rows in {s:.1} s = {:.0} rows/s (insert path of the consumer, 5 materialized views attached)", rows as f64 / s);
         // Let background merges settle so timings reflect a steady table.
-        ch.query(&format!("OPTIMIZE TABLE {DATABASE}.clicks_hourly")).await;
+        ch.query(&format!("OPTIMIZE TABLE {DATABASE}.clicks_hourly"))
+            .await;
     }
     let disk = ch
         .query(&format!("SELECT table, formatReadableSize(sum(bytes)) FROM system.parts WHERE active AND database = '{DATABASE}' GROUP BY table ORDER BY table FORMAT TSV"))
@@ -132,18 +160,34 @@ async fn main() -> anyhow::Result<()> {
 
     let now = shared::now_ms() / 1000;
     let db = e2e::ClickHouse::new(&format!("{url}/?database={DATABASE}"));
-    let mut queries: Vec<(String, String)> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/clickhouse/queries"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-        .map(|p| (p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), std::fs::read_to_string(&p).unwrap_or_default()))
-        .collect();
+    let mut queries: Vec<(String, String)> = std::fs::read_dir(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/clickhouse/queries"
+    ))?
+    .filter_map(Result::ok)
+    .map(|e| e.path())
+    .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+    .map(|p| {
+        (
+            p.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            std::fs::read_to_string(&p).unwrap_or_default(),
+        )
+    })
+    .collect();
     queries.sort();
-    println!("\n| query | range | min | median | max | ratio to 1 s target |\n|---|---|---|---|---|---|");
+    println!(
+        "\n| query | range | min | median | max | ratio to 1 s target |\n|---|---|---|---|---|---|"
+    );
     let mut worst = Duration::ZERO;
     for (name, sql) in &queries {
         // The abuse panel has a fixed range of its own (24 h, `timeFrom` in the dashboard).
-        let ranges: &[(&str, u64)] = if name == "suspected_abuse" { &[("24 h (panel)", 1)] } else { &[("7 days", 7), ("30 days", 30)] };
+        let ranges: &[(&str, u64)] = if name == "suspected_abuse" {
+            &[("24 h (panel)", 1)]
+        } else {
+            &[("7 days", 7), ("30 days", 30)]
+        };
         for &(label, days) in ranges {
             let sql = expand(sql, now - days * 86_400, now);
             let mut times = Vec::new();
@@ -163,6 +207,14 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    println!("\nworst median: {:.0} ms over {rows} rows ({})", worst.as_secs_f64() * 1e3, if worst < Duration::from_secs(1) { "every query under 1 s" } else { "TARGET MISSED" });
+    println!(
+        "\nworst median: {:.0} ms over {rows} rows ({})",
+        worst.as_secs_f64() * 1e3,
+        if worst < Duration::from_secs(1) {
+            "every query under 1 s"
+        } else {
+            "TARGET MISSED"
+        }
+    );
     Ok(())
 }

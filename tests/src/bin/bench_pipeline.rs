@@ -1,0 +1,623 @@
+//! Pipeline benchmarks, with ceilings measured side by side in the same run.
+//!
+//!     deploy/local/bench            (builds release binaries, needs wrk, oha, tansu, ClickHouse)
+//!
+//! Prints: ingest max requests/s (realistic body mix, keep-alive, wrk) vs a bare hyper
+//! server; ingest latency percentiles at 50% and 90% of its max rate (oha, fixed rate,
+//! latency correction); ingest peak RSS and CPU-seconds per million clicks; consumer rows/s
+//! from a pre-filled topic vs raw consume and raw RowBinary insert ceilings; the ClickHouse
+//! Kafka-engine peer if it runs; end-to-end freshness under moderate load.
+//! Throughput runs use tansu on memory storage (our binaries are measured, not tansu's
+//! sqlite); the durable-storage ingest figure is printed too.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+use shared::event::ClickEvent;
+
+const CLOCK_TICKS: f64 = 100.0;
+
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / CLOCK_TICKS
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let _ = e.write_all(data);
+    e.finish().unwrap_or_default()
+}
+
+/// The wrk Lua script: a realistic mix of bodies, rotating per request.
+fn write_mix(dir: &Path) -> PathBuf {
+    let valid = r#"{"code":"A1B2C3D4E5F6","landing_path":"https://shop.example/pricing?ref=x","utm_source":"newsletter","utm_medium":"email","utm_campaign":"spring-launch"}"#;
+    std::fs::write(dir.join("click.gz"), gzip(valid.as_bytes())).expect("write");
+    let script = format!(
+        r#"local f = io.open("{gz}", "rb"); local gz = f:read("*all"); f:close()
+local ua = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
+local reqs = {{}}
+local function add(n, headers, body)
+  for i = 1, n do reqs[#reqs + 1] = wrk.format("POST", "/api/v1/referrals/click", headers, body) end
+end
+-- 70% JSON, 10% sendBeacon text/plain, 10% gzip, 10% invalid (400)
+add(7, {{["Content-Type"] = "application/json", ["User-Agent"] = ua}}, '{valid}')
+add(1, {{["Content-Type"] = "text/plain;charset=UTF-8", ["User-Agent"] = ua}}, '{valid}')
+add(1, {{["Content-Type"] = "application/json", ["Content-Encoding"] = "gzip", ["User-Agent"] = ua}}, gz)
+add(1, {{["Content-Type"] = "application/json", ["User-Agent"] = ua}}, '{{"code":"nope"}}')
+local i = 0
+request = function() i = i + 1; return reqs[(i % #reqs) + 1] end
+"#,
+        gz = dir.join("click.gz").display()
+    );
+    let path = dir.join("mix.lua");
+    std::fs::write(&path, script).expect("write");
+    std::fs::write(dir.join("valid.json"), valid).expect("write");
+    path
+}
+
+/// wrk max throughput: (requests/s, requests, non-2xx).
+fn wrk(url: &str, script: &Path, secs: u32) -> (f64, f64, f64) {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c256", &format!("-d{secs}s"), "-s"])
+        .arg(script)
+        .arg(url)
+        .output()
+        .expect("wrk (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let grab = |prefix: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.parse::<f64>().ok()))
+            .unwrap_or(0.0)
+    };
+    let total = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    (
+        grab("Requests/sec:"),
+        total,
+        grab("Non-2xx or 3xx responses:"),
+    )
+}
+
+/// oha at a fixed rate: (p50, p99, p99.9) in ms, and the success rate.
+fn oha(url: &str, body: &Path, rate: f64, secs: u32) -> (f64, f64, f64, f64) {
+    let out = Command::new("oha")
+        .args([
+            "--no-tui",
+            "--output-format",
+            "json",
+            "--latency-correction",
+            "-c",
+            "256",
+        ])
+        .args([
+            "-z",
+            &format!("{secs}s"),
+            "-q",
+            &format!("{rate:.0}"),
+            "-m",
+            "POST",
+            "-T",
+            "application/json",
+            "-D",
+        ])
+        .arg(body)
+        .arg(url)
+        .output()
+        .expect("oha (cargo install oha)");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let p = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+    (
+        p("p50"),
+        p("p99"),
+        p("p99.9"),
+        v["summary"]["successRate"].as_f64().unwrap_or(0.0),
+    )
+}
+
+fn release_env() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+    std::env::set_var("E2E_BIN_DIR", dir);
+}
+
+async fn private_broker(memory: bool) -> (Proc, String, PathBuf) {
+    let dir = std::env::temp_dir().join(unique("bench_tansu"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let addr = free_addr();
+    let url = format!("tcp://{addr}");
+    let storage = if memory {
+        "memory://tansu/"
+    } else {
+        "sqlite://tansu.db"
+    };
+    let tansu = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
+        format!(
+            "{}/.cargo/bin/tansu",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let mut cmd = Command::new(tansu);
+    cmd.current_dir(&dir).args([
+        "broker",
+        "--listener-url",
+        &url,
+        "--advertised-listener-url",
+        &url,
+        "--storage-engine",
+        storage,
+    ]);
+    let p = Proc::spawn("bench_tansu", cmd);
+    eventually("broker", Duration::from_secs(20), || async move {
+        tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+    })
+    .await;
+    (p, addr.to_string(), dir)
+}
+
+fn unlimited() -> Vec<(String, String)> {
+    vec![
+        ("INGEST_RATE_LIMIT_PER_MINUTE".into(), "1000000000".into()),
+        ("INGEST_RATE_LIMIT_BURST".into(), "1000000000".into()),
+        ("LOG_LEVEL".into(), "warn".into()),
+    ]
+}
+
+async fn bench_ingest(dir: &Path, script: &Path) {
+    println!("\n## ingest (tansu on memory storage; wrk -t2 -c256, 70% JSON / 10% text/plain / 10% gzip / 10% invalid)\n");
+    let (_broker, brokers, _bdir) = private_broker(true).await;
+    create_topic(&brokers, "referral_clicks", 8).await;
+    let ingest = Ingest::start(&IngestOptions {
+        brokers: brokers.clone(),
+        topic: "referral_clicks".into(),
+        extra_env: unlimited(),
+    });
+    ingest.ready().await;
+    let url = ingest.url("/api/v1/referrals/click");
+    let pid = ingest.proc.child.id();
+    wrk(&url, script, 3); // warm-up
+    let cpu0 = cpu_secs(pid);
+    let (rps, total, non2xx) = wrk(&url, script, 10);
+    let cpu = cpu_secs(pid) - cpu0;
+    let accepted = total - non2xx;
+
+    let bare_addr = free_addr();
+    let mut cmd = Command::new(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/bench_bare_hyper"),
+    );
+    cmd.arg(bare_addr.to_string());
+    let _bare = Proc::spawn("bare_hyper", cmd);
+    eventually("bare hyper", Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(bare_addr)
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let bare_url = format!("http://{bare_addr}/api/v1/referrals/click");
+    wrk(&bare_url, script, 3);
+    let (bare_rps, _, _) = wrk(&bare_url, script, 10);
+
+    println!("| figure | value |\n|---|---|");
+    println!("| ingest max, full contract (validation, HMAC, broker ack) | {rps:.0} req/s ({accepted:.0} accepted of {total:.0}) |");
+    println!("| bare hyper 1.x ceiling, same load | {bare_rps:.0} req/s |");
+    println!(
+        "| **ingest / ceiling** (target ≥ 0.5) | **{:.2}** |",
+        rps / bare_rps
+    );
+    println!(
+        "| ingest CPU-seconds per million requests | {:.1} s |",
+        cpu / total * 1e6
+    );
+    println!(
+        "| ingest CPU-seconds per million accepted clicks | {:.1} s |",
+        cpu / accepted.max(1.0) * 1e6
+    );
+
+    let valid = dir.join("valid.json");
+    for share in [0.5, 0.9] {
+        let (p50, p99, p999, ok) = oha(&url, &valid, rps * share, 10);
+        println!(
+            "| latency at {:.0}% of max ({:.0} req/s, valid JSON clicks, oha with latency correction) | p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, success {:.1}% |",
+            share * 100.0,
+            rps * share,
+            ok * 100.0
+        );
+    }
+    println!(
+        "| ingest peak RSS (after all runs; target ≤ 64 MiB) | {:.1} MiB |",
+        peak_rss_mib(pid)
+    );
+    drop(ingest);
+
+    // Durable storage, for the record.
+    let (_broker, brokers, _bdir) = private_broker(false).await;
+    create_topic(&brokers, "referral_clicks", 8).await;
+    let ingest = Ingest::start(&IngestOptions {
+        brokers,
+        topic: "referral_clicks".into(),
+        extra_env: unlimited(),
+    });
+    ingest.ready().await;
+    let (drps, _, _) = wrk(&ingest.url("/api/v1/referrals/click"), script, 10);
+    println!("| ingest max with tansu on sqlite (durable) storage | {drps:.0} req/s |");
+}
+
+fn event(i: u64) -> Vec<u8> {
+    ClickEvent {
+        v: 1,
+        click_id: format!("refclk_{:032x}", rand::random::<u128>()),
+        code: format!("C{:011}", i % 5000),
+        landing_path: format!("/p/{}", i % 200),
+        utm_source: "newsletter".into(),
+        utm_medium: "email".into(),
+        utm_campaign: format!("c{}", i % 20),
+        ip_hash: format!("{:064x}", rand::random::<u128>()),
+        ua_hash: format!("{:064x}", rand::random::<u128>()),
+        key_id: "k1".into(),
+        is_bot: i % 20 == 0,
+        received_at_ms: shared::now_ms(),
+    }
+    .encode()
+}
+
+async fn bench_consumer(rows: u64) {
+    println!("\n## consumer ({rows} events pre-filled, tansu on memory storage, default batch settings)\n");
+    let (_broker, brokers, _bdir) = private_broker(true).await;
+    let topic = unique("bench_clicks");
+    create_topic(&brokers, &topic, 8).await;
+    create_topic(&brokers, &format!("{topic}_dlq"), 1).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "20")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    for i in 0..rows {
+        let payload = event(i);
+        let key = format!("k{i}");
+        loop {
+            match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&payload)) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                // Queue full: wait for what is in flight, then try again.
+                Err(_) => {
+                    futures::future::join_all(pending.drain(..)).await;
+                }
+            }
+        }
+        if pending.len() >= 50_000 {
+            futures::future::join_all(pending.drain(..)).await;
+        }
+    }
+    futures::future::join_all(pending).await;
+    eprintln!(
+        "pre-filled {rows} events in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Ceiling 1: raw consume of the topic (what kcat -o beginning > /dev/null measures).
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", unique("raw"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    reader.subscribe(&[&topic]).expect("subscribe");
+    let started = Instant::now();
+    let mut events = Vec::with_capacity(rows as usize);
+    while (events.len() as u64) < rows && started.elapsed() < Duration::from_secs(300) {
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(100)) {
+            events.push((
+                m.partition(),
+                m.offset(),
+                m.payload().unwrap_or_default().to_vec(),
+            ));
+        }
+    }
+    let consume_rate = events.len() as f64 / started.elapsed().as_secs_f64();
+    drop(reader);
+
+    // Ceiling 2: raw RowBinary insert of the same rows, same batch size, same table shape.
+    let url = clickhouse_url();
+    let ch = ClickHouse::new(&url);
+    let insert_db = unique("bench_insert");
+    let cli = <consumer::config::Cli as clap::Parser>::try_parse_from([
+        "consumer",
+        "--clickhouse-url",
+        &url,
+        "--clickhouse-database",
+        &insert_db,
+    ])
+    .expect("cli");
+    consumer::migrations::apply(
+        &consumer::writer::base_client(&cli.config),
+        &insert_db,
+        "referral_clicks",
+    )
+    .await
+    .expect("migrate");
+    let writer = consumer::writer::Writer::new(&cli.config);
+    let rows_vec: Vec<consumer::row::ClickRow> = events
+        .iter()
+        .filter_map(|(p, o, payload)| {
+            ClickEvent::decode(payload)
+                .ok()
+                .and_then(|e| consumer::row::ClickRow::new(e, &topic, *p, *o).ok())
+        })
+        .collect();
+    let started = Instant::now();
+    for (i, chunk) in rows_vec.chunks(50_000).enumerate() {
+        writer
+            .insert(chunk, &format!("bench-{insert_db}-{i}"))
+            .await
+            .expect("insert");
+    }
+    let insert_rate = rows_vec.len() as f64 / started.elapsed().as_secs_f64();
+    drop(rows_vec);
+    drop(events);
+
+    // The consumer itself.
+    let database = unique("bench_consumer");
+    let opts = ConsumerOptions {
+        brokers: brokers.clone(),
+        topic: topic.clone(),
+        group: unique("bench_group"),
+        clickhouse_url: url.clone(),
+        database: database.clone(),
+        extra_env: vec![("LOG_LEVEL".into(), "warn".into())],
+    };
+    let started = Instant::now();
+    let consumer = ConsumerProc::start(&opts);
+    let pid = consumer.proc.child.id();
+    let table = format!("{database}.referral_clicks");
+    eventually("consumer done", Duration::from_secs(600), || {
+        let (ch, table) = (&ch, &table);
+        async move { (ch.counts(table).await.0 >= rows).then_some(()) }
+    })
+    .await;
+    let secs = started.elapsed().as_secs_f64();
+    let rate = rows as f64 / secs;
+    let cpu = cpu_secs(pid);
+    let (count, uniq) = ch.counts(&table).await;
+    let ceiling = consume_rate.min(insert_rate);
+    println!("| figure | value |\n|---|---|");
+    println!("| consumer, topic → ClickHouse (from process start, incl. migrations) | {rate:.0} rows/s ({count} rows, {uniq} distinct click ids, {secs:.1} s) |");
+    println!(
+        "| ceiling: raw consume of the topic (rdkafka, no decoding) | {consume_rate:.0} msg/s |"
+    );
+    println!("| ceiling: raw RowBinary insert of the same rows, 50k per insert, same table + views | {insert_rate:.0} rows/s |");
+    println!(
+        "| **consumer / min(ceilings)** (target ≥ 0.8) | **{:.2}** |",
+        rate / ceiling
+    );
+    println!("| consumer peak RSS | {:.1} MiB |", peak_rss_mib(pid));
+    println!(
+        "| consumer CPU-seconds per million rows | {:.1} s |",
+        cpu / rows as f64 * 1e6
+    );
+    drop(consumer);
+
+    // The peer: ClickHouse's Kafka engine reading the same topic.
+    let peer_db = unique("bench_peer");
+    ch.query(&format!("CREATE DATABASE {peer_db}")).await;
+    let engine = ch
+        .try_query(&format!(
+            "CREATE TABLE {peer_db}.queue (v UInt16, click_id String, code String, landing_path String, utm_source String, utm_medium String, \
+             utm_campaign String, ip_hash String, ua_hash String, key_id String, is_bot UInt8, received_at_ms UInt64) \
+             ENGINE = Kafka SETTINGS kafka_broker_list = '{brokers}', kafka_topic_list = '{topic}', kafka_group_name = '{}', kafka_format = 'JSONEachRow'",
+            unique("peer")
+        ))
+        .await;
+    match engine {
+        Err(e) => println!(
+            "| peer: ClickHouse 18.16 Kafka engine | could not be created: {} |",
+            e.lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(160)
+                .collect::<String>()
+        ),
+        Ok(_) => {
+            ch.query(&format!("CREATE TABLE {peer_db}.clicks AS {table}"))
+                .await;
+            ch.query(&format!(
+                "CREATE MATERIALIZED VIEW {peer_db}.mv TO {peer_db}.clicks AS SELECT click_id, code, landing_path, utm_source, utm_medium, utm_campaign, \
+                 toFixedString(unhex(ip_hash), 32) AS ip_hash, toFixedString(unhex(ua_hash), 32) AS ua_hash, key_id, is_bot, \
+                 toDateTime(intDiv(received_at_ms, 1000)) AS received_at, received_at_ms FROM {peer_db}.queue"
+            ))
+            .await;
+            let started = Instant::now();
+            let mut got = 0;
+            while started.elapsed() < Duration::from_secs(60) && got < rows {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                got = ch.counts(&format!("{peer_db}.clicks")).await.0;
+            }
+            if got < rows {
+                let log = std::fs::read_to_string(
+                    std::env::var("CLICKHOUSE_ERR_LOG").unwrap_or_default(),
+                )
+                .unwrap_or_default();
+                let last = log
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("Kafka") || l.contains("rdkafka"))
+                    .unwrap_or("no Kafka line in the server error log");
+                println!("| peer: ClickHouse 18.16 Kafka engine + MV | read {got} of {rows} rows in 60 s; not comparable. Server log: {} |", last.chars().take(200).collect::<String>());
+            } else {
+                let prate = rows as f64 / started.elapsed().as_secs_f64();
+                println!("| peer: ClickHouse Kafka engine + MV | {prate:.0} rows/s |");
+                println!(
+                    "| **consumer / peer** (target ≥ 2) | **{:.2}** |",
+                    rate / prate
+                );
+            }
+        }
+    }
+    ch.query(&format!("DROP DATABASE IF EXISTS {peer_db}"))
+        .await;
+    ch.query(&format!("DROP DATABASE IF EXISTS {insert_db}"))
+        .await;
+    ch.query(&format!("DROP DATABASE IF EXISTS {database}"))
+        .await;
+}
+
+async fn bench_freshness() {
+    println!("\n## freshness (tansu on sqlite, default settings, 200 clicks/s for 15 s)\n");
+    let (_broker, brokers, _bdir) = private_broker(false).await;
+    let scope = Scope::with_brokers("bench_fresh", 8, &brokers).await;
+    let mut copts = scope.consumer_options();
+    copts.extra_env.push(("LOG_LEVEL".into(), "warn".into()));
+    let consumer = ConsumerProc::start(&copts);
+    let ingest = Ingest::start(&IngestOptions {
+        extra_env: unlimited(),
+        ..scope.ingest_options()
+    });
+    ingest.ready().await;
+    consumer.ready().await;
+    let url = ingest.url("/api/v1/referrals/click");
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Instant)>::new()));
+    let sender = {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            let c = http();
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            let end = Instant::now() + Duration::from_secs(15);
+            let mut tasks = Vec::new();
+            while Instant::now() < end {
+                tick.tick().await;
+                let (c, url, acked) = (c.clone(), url.clone(), acked.clone());
+                tasks.push(tokio::spawn(async move {
+                    let id = random_click_id();
+                    let (status, _) = post_click(
+                        &c,
+                        &url,
+                        &serde_json::json!({"code":"A1B2C3D4E5F6","click_id": id}),
+                    )
+                    .await;
+                    if status == 200 {
+                        if let Ok(mut a) = acked.lock() {
+                            a.push((id, Instant::now()));
+                        }
+                    }
+                }));
+            }
+            futures::future::join_all(tasks).await;
+        })
+    };
+    let mut seen: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let text = scope
+            .ch
+            .query(&format!("SELECT click_id FROM {} FORMAT TSV", scope.table))
+            .await;
+        let now = Instant::now();
+        for id in text.lines() {
+            seen.entry(id.to_owned()).or_insert(now);
+        }
+        let done = sender.is_finished()
+            && acked
+                .lock()
+                .map(|a| a.iter().all(|(id, _)| seen.contains_key(id)))
+                .unwrap_or(false);
+        if done || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    let mut lags: Vec<f64> = acked
+        .iter()
+        .filter_map(|(id, t)| {
+            seen.get(id)
+                .map(|s| s.saturating_duration_since(*t).as_secs_f64())
+        })
+        .collect();
+    lags.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        lags.get(((lags.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!("| figure | value |\n|---|---|");
+    println!(
+        "| clicks answered 200 / visible in ClickHouse | {} / {} |",
+        acked.len(),
+        lags.len()
+    );
+    println!(
+        "| freshness p50 (200 answer → row visible, 20 ms polling) | {:.0} ms |",
+        pct(0.5) * 1e3
+    );
+    println!(
+        "| freshness p99 (target ≤ 2 s) | {:.0} ms |",
+        pct(0.99) * 1e3
+    );
+    scope.drop_database().await;
+}
+
+#[tokio::main]
+async fn main() {
+    release_env();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let which = args.first().map_or("all", String::as_str);
+    let rows: u64 = args
+        .get(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = std::env::temp_dir().join(unique("bench"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let script = write_mix(&dir);
+    println!(
+        "# pipeline benchmark ({} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    if matches!(which, "all" | "ingest") {
+        bench_ingest(&dir, &script).await;
+    }
+    if matches!(which, "all" | "consumer") {
+        bench_consumer(rows).await;
+    }
+    if matches!(which, "all" | "freshness") {
+        bench_freshness().await;
+    }
+}
