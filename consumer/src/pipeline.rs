@@ -369,7 +369,7 @@ impl Pipeline {
                 .entry(p)
                 .or_insert_with(|| RecentIds::new(window_ms, self.config.dedup_max_ids));
             for (id, at) in ids {
-                recent.insert(id, at);
+                recent.insert(&id, at);
             }
             self.ids_to_load.remove(&p);
         }
@@ -396,7 +396,7 @@ impl Pipeline {
         let now = shared::now_ms();
         for row in self.batch.rows() {
             if let Some(recent) = self.recent.get_mut(&i32::from(row.kafka_partition)) {
-                recent.insert(row.click_id.clone(), row.received_at_ms);
+                recent.insert(&row.click_id, row.received_at_ms);
             }
         }
         for recent in self.recent.values_mut() {

@@ -1,5 +1,10 @@
 use clap::Parser;
 
+// glibc malloc showed up as ~9% of ingest CPU under load (perf); mimalloc is faster for
+// the many small per-request allocations and keeps fragmentation low.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     shared::telemetry::init_tracing();

@@ -7,11 +7,11 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::ClientConfig;
 
 use crate::config::Config;
@@ -55,7 +55,10 @@ pub trait ClickSink: Send + Sync + 'static {
 }
 
 pub struct KafkaSink {
-    producer: FutureProducer,
+    /// Replaced (see `spawn_health_checks`) when librdkafka reports a fatal error: an
+    /// idempotent producer in that state can never produce again and must be recreated.
+    producer: RwLock<FutureProducer>,
+    client_config: ClientConfig,
     topic: String,
     ack_timeout: Duration,
     ready: Arc<AtomicBool>,
@@ -88,7 +91,8 @@ impl KafkaSink {
         }
         let producer: FutureProducer = cc.create()?;
         Ok(Self {
-            producer,
+            producer: RwLock::new(producer),
+            client_config: cc,
             topic: config.kafka_topic.clone(),
             ack_timeout: config.produce_timeout() + Duration::from_secs(1),
             ready: Arc::new(AtomicBool::new(false)),
@@ -105,6 +109,11 @@ impl KafkaSink {
                 let ok = tokio::task::spawn_blocking(move || probe.broker_knows_topic())
                     .await
                     .unwrap_or(false);
+                if let Some((code, reason)) = sink.current().client().fatal_error() {
+                    tracing::error!(%code, %reason, "fatal producer error: replacing the Kafka producer");
+                    let replacing = Arc::clone(&sink);
+                    let _ = tokio::task::spawn_blocking(move || replacing.recreate()).await;
+                }
                 if ok != sink.ready.swap(ok, Ordering::Relaxed) {
                     if ok {
                         tracing::info!(topic = %sink.topic, "broker reachable");
@@ -114,7 +123,7 @@ impl KafkaSink {
                 }
                 metrics::gauge!(m::BROKER_UP).set(if ok { 1.0 } else { 0.0 });
                 metrics::gauge!(m::PRODUCER_QUEUE_MESSAGES)
-                    .set(f64::from(sink.producer.in_flight_count()));
+                    .set(f64::from(sink.current().in_flight_count()));
                 tokio::time::sleep(if ok {
                     every
                 } else {
@@ -125,9 +134,35 @@ impl KafkaSink {
         });
     }
 
+    /// The producer in use (a cheap clone of a shared handle).
+    fn current(&self) -> FutureProducer {
+        match self.producer.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Swaps in a new producer. Messages still queued in the old one are purged: their
+    /// requests get an error (503), never a 200 for a message that may not arrive.
+    fn recreate(&self) {
+        let fresh: FutureProducer = match self.client_config.create() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not create a new producer");
+                return;
+            }
+        };
+        let old = match self.producer.write() {
+            Ok(mut p) => std::mem::replace(&mut *p, fresh),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), fresh),
+        };
+        old.purge(PurgeConfig::default().queue().inflight());
+        drop(old);
+    }
+
     fn broker_knows_topic(&self) -> bool {
         match self
-            .producer
+            .current()
             .client()
             .fetch_metadata(Some(&self.topic), Duration::from_secs(2))
         {
@@ -156,7 +191,7 @@ impl ClickSink for KafkaSink {
         }
         let started = Instant::now();
         let record = FutureRecord::to(&self.topic).key(key).payload(payload);
-        let delivery = match self.producer.send_result(record) {
+        let delivery = match self.current().send_result(record) {
             Ok(delivery) => delivery,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 return Err(PublishError::QueueFull);
@@ -181,7 +216,7 @@ impl ClickSink for KafkaSink {
     }
 
     async fn flush(&self, timeout: Duration) {
-        let producer = self.producer.clone();
+        let producer = self.current();
         let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
     }
 }

@@ -529,13 +529,15 @@ pub async fn post_click(
     (status, json)
 }
 
-// --- a TCP proxy whose link can be cut -----------------------------------------------------
+// --- a TCP proxy whose link can be cut or stalled ----------------------------------------
 
 /// Forwards connections from a local port to `target`. While `down`, it refuses new
-/// connections and resets open ones, like a server that went away.
+/// connections and resets open ones, like a server that went away. While `stalled`, it
+/// keeps connections open but forwards nothing, like a server that hangs.
 pub struct CutProxy {
     pub addr: SocketAddr,
     down: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
     generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -544,43 +546,56 @@ impl CutProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
+        Self::serve(listener, target)
+    }
+
+    /// A proxy on a chosen (free) address, e.g. one a broker advertises.
+    pub async fn start_on(addr: SocketAddr, target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        Self::serve(listener, target)
+    }
+
+    fn serve(listener: tokio::net::TcpListener, target: SocketAddr) -> Self {
         let addr = listener.local_addr().expect("addr");
         let down = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicBool::new(false));
         let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (d, g) = (Arc::clone(&down), Arc::clone(&generation));
+        let (d, st, g) = (
+            Arc::clone(&down),
+            Arc::clone(&stalled),
+            Arc::clone(&generation),
+        );
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     continue;
                 };
                 if d.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
-                let (d, g) = (Arc::clone(&d), Arc::clone(&g));
+                let (d, st, g) = (Arc::clone(&d), Arc::clone(&st), Arc::clone(&g));
                 tokio::spawn(async move {
                     let my_gen = g.load(Ordering::SeqCst);
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
-                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
-                    tokio::pin!(copy);
-                    loop {
-                        tokio::select! {
-                            _ = &mut copy => return,
-                            () = tokio::time::sleep(Duration::from_millis(50)) => {
-                                if d.load(Ordering::SeqCst) || g.load(Ordering::SeqCst) != my_gen {
-                                    return;
-                                }
-                            }
-                        }
-                    }
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    let alive = {
+                        let (d, g) = (Arc::clone(&d), Arc::clone(&g));
+                        move || !d.load(Ordering::SeqCst) && g.load(Ordering::SeqCst) == my_gen
+                    };
+                    let up = pump(ri, wo, Arc::clone(&st), alive.clone());
+                    let back = pump(ro, wi, st, alive);
+                    tokio::select! { () = up => {}, () = back => {} }
                 });
             }
         });
         Self {
             addr,
             down,
+            stalled,
             generation,
         }
     }
@@ -592,10 +607,44 @@ impl CutProxy {
 
     pub fn restore(&self) {
         self.down.store(false, Ordering::SeqCst);
+        self.stalled.store(false, Ordering::SeqCst);
+    }
+
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+}
+
+/// Copies one direction, pausing while `stalled` and ending when `alive()` turns false.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<AtomicBool>,
+    alive: impl Fn() -> bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+            () = tokio::time::sleep(Duration::from_millis(50)) => {
+                if !alive() { return; }
+                continue;
+            }
+        };
+        while stalled.load(Ordering::SeqCst) {
+            if !alive() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !alive() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -604,6 +653,8 @@ impl CutProxy {
 pub struct PrivateBroker {
     pub proc: Option<Proc>,
     pub addr: SocketAddr,
+    /// What the broker tells clients to connect to (a proxy, in some fault tests).
+    pub advertised: SocketAddr,
     dir: PathBuf,
 }
 
@@ -611,9 +662,25 @@ impl PrivateBroker {
     pub async fn start() -> Self {
         let dir = std::env::temp_dir().join(unique("tansu"));
         std::fs::create_dir_all(&dir).expect("dir");
+        let addr = free_addr();
+        let mut broker = Self {
+            proc: None,
+            addr,
+            advertised: addr,
+            dir,
+        };
+        broker.restart().await;
+        broker
+    }
+
+    /// A broker that advertises `advertised` (e.g. a proxy in front of it).
+    pub async fn start_advertising(advertised: SocketAddr) -> Self {
+        let dir = std::env::temp_dir().join(unique("tansu"));
+        std::fs::create_dir_all(&dir).expect("dir");
         let mut broker = Self {
             proc: None,
             addr: free_addr(),
+            advertised,
             dir,
         };
         broker.restart().await;
@@ -640,6 +707,7 @@ impl PrivateBroker {
             }
         });
         let url = format!("tcp://{}", self.addr);
+        let advertised = format!("tcp://{}", self.advertised);
         let mut cmd = Command::new(tansu);
         cmd.current_dir(&self.dir)
             .args([
@@ -647,7 +715,7 @@ impl PrivateBroker {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "sqlite://tansu.db"]);
         self.proc = Some(Proc::spawn("tansu", cmd));

@@ -1,0 +1,25 @@
+//! Fuzzes the request path of the endpoint: body bytes → `ClickInput` → validation →
+//! Kafka event → decode. Invariants: nothing panics; whatever validation accepts encodes
+//! into an event that decodes back to itself (the consumer never dead-letters a click the
+//! endpoint accepted); an error never quotes the body.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use shared::click::{validate, ClickInput, DEFAULT_CODE_LEN};
+use shared::event::ClickEvent;
+
+fuzz_target!(|data: &[u8]| {
+    match ClickInput::from_json(data) {
+        Err(e) => {
+            assert_eq!(e.field, "body");
+            assert!(e.reason.len() < 80);
+        }
+        Ok(input) => {
+            if let Ok(click) = validate(&input, DEFAULT_CODE_LEN) {
+                let event = ClickEvent::new(&click, &[7; 32], &[9; 32], "k1", false, 1_700_000_000_000);
+                let decoded = ClickEvent::decode(&event.encode());
+                assert_eq!(decoded.as_ref(), Ok(&event), "accepted click does not round-trip");
+            }
+        }
+    }
+});

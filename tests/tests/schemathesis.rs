@@ -1,0 +1,48 @@
+//! Schemathesis (property-based API testing from the OpenAPI description in
+//! ingest/openapi.yaml) against the live ingest and the real broker: no 5xx, and every
+//! response matches the description (status code, content type, headers, body schema).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use e2e::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_ingest_conforms_to_its_openapi_description() {
+    let scope = Scope::new("schemathesis", 2).await;
+    let mut opts = scope.ingest_options();
+    opts.extra_env = vec![
+        ("INGEST_RATE_LIMIT_PER_MINUTE".into(), "1000000000".into()),
+        ("INGEST_RATE_LIMIT_BURST".into(), "1000000000".into()),
+    ];
+    let ingest = Ingest::start(&opts);
+    ingest.ready().await;
+    let spec = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ingest/openapi.yaml");
+    let url = ingest.url("");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("st")
+            .arg("run")
+            .arg(&spec)
+            .args(["-u", &url, "-n", "150", "--request-timeout", "10"])
+            .args(["-c", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance"])
+            .output()
+            .expect("schemathesis `st` (deploy/local/test installs it with pip)")
+    })
+    .await
+    .expect("join");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "schemathesis found problems:\n{text}");
+    let summary = text
+        .lines()
+        .find(|l| l.contains("generated"))
+        .unwrap_or_default();
+    assert!(
+        summary.contains("passed") && !summary.contains("failed"),
+        "{summary}"
+    );
+    println!("schemathesis: {}", summary.trim());
+}
