@@ -74,6 +74,27 @@ impl Feeder {
     }
 }
 
+/// Asserts exactly-once and reports the measured row for the fault table.
+async fn assert_exactly_reported(
+    scope: &Scope,
+    expected: &[String],
+    fault: &str,
+    load: &str,
+    sent: usize,
+) {
+    assert_exactly(scope, expected).await;
+    let (rows, uniq) = scope.ch.counts(&scope.table).await;
+    report(&FaultRow {
+        fault,
+        load,
+        sent,
+        accepted: expected.len(),
+        rows,
+        duplicates: rows - uniq,
+        lost: expected.len() as u64 - uniq.min(expected.len() as u64),
+    });
+}
+
 async fn assert_exactly(scope: &Scope, expected: &[String]) {
     let n = expected.len() as u64;
     let (count, uniq) = scope.wait_rows(n, Duration::from_secs(90)).await;
@@ -117,7 +138,14 @@ async fn sigkill_mid_batch_repeatedly_loses_and_duplicates_nothing() {
         consumer = ConsumerProc::start(&opts);
     }
     consumer.ready().await;
-    assert_exactly(&scope, &feeder.sent).await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "consumer SIGKILL mid-batch, 5 times",
+        "10,500 events produced while killing",
+        feeder.sent.len(),
+    )
+    .await;
     scope.drop_database().await;
 }
 
@@ -143,7 +171,14 @@ async fn rows_stored_but_not_committed_are_not_written_again() {
     let second = ConsumerProc::start(&opts);
     second.ready().await;
     feeder.send(50).await;
-    assert_exactly(&scope, &feeder.sent).await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "crash after insert, before commit (rows stored, offsets not committed)",
+        "250 events",
+        feeder.sent.len(),
+    )
+    .await;
     let skipped = eventually("skip metric", Duration::from_secs(10), || async {
         let v = second.metric("consumer_duplicates_skipped_total").await;
         (v >= 200.0).then_some(v)
@@ -183,7 +218,14 @@ async fn two_consumers_share_partitions_through_join_and_leave() {
         status.is_some_and(|s| s.success()),
         "clean exit on SIGTERM: {status:?}"
     );
-    assert_exactly(&scope, &feeder.sent).await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "second consumer joins, then leaves (SIGTERM)",
+        "7,000 events in waves",
+        feeder.sent.len(),
+    )
+    .await;
     assert!(a.metric("consumer_rows_inserted_total").await > 0.0);
     scope.drop_database().await;
 }
@@ -210,8 +252,11 @@ async fn clickhouse_outage_keeps_data_and_resumes() {
     scope.wait_rows(1, Duration::from_secs(30)).await;
 
     proxy.cut();
-    feeder.send(3000).await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let outage = std::time::Instant::now();
+    while outage.elapsed() < Duration::from_secs(30) {
+        feeder.send(200).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let errors = consumer.metric("consumer_insert_errors_total").await;
     assert!(errors > 0.0, "inserts must have failed during the outage");
     assert!(
@@ -222,7 +267,14 @@ async fn clickhouse_outage_keeps_data_and_resumes() {
             == 503
     );
     proxy.restore();
-    assert_exactly(&scope, &feeder.sent).await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "ClickHouse unreachable for 30 s",
+        "events produced throughout the outage",
+        feeder.sent.len(),
+    )
+    .await;
     scope.drop_database().await;
 }
 
@@ -259,7 +311,14 @@ async fn refused_inserts_commit_nothing_until_accepted() {
     // The writing consumer of the same group gets all of them: nothing was committed.
     let writer = ConsumerProc::start(&setup);
     writer.ready().await;
-    assert_exactly(&scope, &feeder.sent).await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "inserts refused (user without INSERT rights)",
+        "500 events",
+        feeder.sent.len(),
+    )
+    .await;
     scope.drop_database().await;
 }
 
@@ -287,7 +346,14 @@ async fn poison_messages_go_to_the_dead_letter_topic_without_blocking() {
     .await;
     feeder.send(100).await;
     let consumer = ConsumerProc::start(&scope.consumer_options());
-    assert_exactly(&scope, &feeder.sent).await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "4 poison messages among valid ones",
+        "200 valid events",
+        feeder.sent.len(),
+    )
+    .await;
     let dlq = read_topic(
         &scope.brokers,
         &format!("{}_dlq", scope.topic),
@@ -348,9 +414,12 @@ async fn a_retried_click_id_is_one_row() {
     );
     let consumer = ConsumerProc::start(&opts);
     consumer.ready().await;
-    assert_exactly(
+    assert_exactly_reported(
         &scope,
         &["refclk_retry_1".to_owned(), "refclk_retry_2".to_owned()],
+        "client retries of one click id, across a consumer restart (5 posts answered 200, 2 distinct clicks)",
+        "4 posts of 1 id + 1 other",
+        5,
     )
     .await;
     scope.drop_database().await;
@@ -386,7 +455,14 @@ async fn sigterm_flushes_the_batch_in_hand_and_commits() {
     let next = ConsumerProc::start(&opts);
     next.ready().await;
     feeder.send(10).await;
-    assert_exactly(&scope, &feeder.sent).await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "consumer SIGTERM with a batch in hand",
+        "510 events",
+        feeder.sent.len(),
+    )
+    .await;
     assert_eq!(next.metric("consumer_duplicates_skipped_total").await, 0.0);
     scope.drop_database().await;
 }
@@ -438,6 +514,13 @@ async fn broker_restart_under_load_loses_nothing() {
         "{} accepted, {refused} refused",
         accepted.len()
     );
-    assert_exactly(&scope, &accepted).await;
+    assert_exactly_reported(
+        &scope,
+        &accepted,
+        "broker restart during HTTP load",
+        "8 s of sequential posts",
+        accepted.len() + refused,
+    )
+    .await;
     scope.drop_database().await;
 }

@@ -427,6 +427,15 @@ async fn flood_from_one_ip_is_limited_others_are_not() {
     assert_eq!(records.len(), ok + 2, "429 answers must publish nothing");
     let m = metric_value(&ingest.url("/metrics"), "ingest_rate_limited_total").await;
     assert_eq!(m as usize, limited);
+    report(&FaultRow {
+        fault: "flood from one IP (rate limit 120/min, burst 20); rows = messages in Kafka",
+        load: "200 sequential posts + 2 from other IPs",
+        sent: 202,
+        accepted: ok + 2,
+        rows: records.len() as u64,
+        duplicates: 0,
+        lost: (ok + 2 - records.len()) as u64,
+    });
 }
 
 /// Slow and oversized clients are cut off quickly, without taking the server down.
@@ -627,8 +636,11 @@ async fn sigterm_answers_in_flight_requests_and_delivers_them() {
         status.0
     );
     let mut accepted = Vec::new();
+    let mut refused_total = 0;
     for t in tasks {
-        accepted.extend(t.await.expect("task").0);
+        let (ok, failed) = t.await.expect("task");
+        accepted.extend(ok);
+        refused_total += failed;
     }
     assert!(!accepted.is_empty());
     let records = read_topic(
@@ -651,6 +663,15 @@ async fn sigterm_answers_in_flight_requests_and_delivers_them() {
         "{missing} of {} answered 200 but not in Kafka",
         accepted.len()
     );
+    report(&FaultRow {
+        fault: "ingest SIGTERM under load (unanswered = connection refused after close); rows = messages in Kafka",
+        load: "8 concurrent clients",
+        sent: accepted.len() + refused_total,
+        accepted: accepted.len(),
+        rows: records.len() as u64,
+        duplicates: (records.len() - published.len()) as u64,
+        lost: missing as u64,
+    });
 }
 
 /// The broker hangs (connections open, nothing answered): requests are answered 503 with
@@ -729,6 +750,15 @@ async fn a_hanging_broker_fills_the_queue_and_gets_503_not_a_hang() {
         "a full queue must refuse at once; {fast_503} fast 503s"
     );
     assert_eq!(ok, 0, "nothing can be acknowledged by a hanging broker");
+    report(&FaultRow {
+        fault: "broker hangs, producer queue (5) fills: every request answered 503 + Retry-After within 5 s, none hung",
+        load: "40 concurrent posts",
+        sent: 40,
+        accepted: ok,
+        rows: 0,
+        duplicates: 0,
+        lost: 0,
+    });
 
     // Recovery after a hang is not asserted here: tansu 0.6's sqlite storage panics
     // (lite.rs:503, "more or less than one row", in idempotent_message_check) when the
