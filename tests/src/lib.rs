@@ -655,32 +655,30 @@ pub struct PrivateBroker {
     pub addr: SocketAddr,
     /// What the broker tells clients to connect to (a proxy, in some fault tests).
     pub advertised: SocketAddr,
+    /// `memory://` storage (benchmarks of our binaries) instead of durable sqlite.
+    memory: bool,
     dir: PathBuf,
 }
 
 impl PrivateBroker {
     pub async fn start() -> Self {
-        let dir = std::env::temp_dir().join(unique("tansu"));
-        std::fs::create_dir_all(&dir).expect("dir");
         let addr = free_addr();
-        let mut broker = Self {
-            proc: None,
-            addr,
-            advertised: addr,
-            dir,
-        };
-        broker.restart().await;
-        broker
+        Self::start_with(addr, addr, false).await
     }
 
     /// A broker that advertises `advertised` (e.g. a proxy in front of it).
     pub async fn start_advertising(advertised: SocketAddr) -> Self {
+        Self::start_with(free_addr(), advertised, false).await
+    }
+
+    pub async fn start_with(addr: SocketAddr, advertised: SocketAddr, memory: bool) -> Self {
         let dir = std::env::temp_dir().join(unique("tansu"));
         std::fs::create_dir_all(&dir).expect("dir");
         let mut broker = Self {
             proc: None,
-            addr: free_addr(),
+            addr,
             advertised,
+            memory,
             dir,
         };
         broker.restart().await;
@@ -717,7 +715,14 @@ impl PrivateBroker {
                 "--advertised-listener-url",
                 &advertised,
             ])
-            .args(["--storage-engine", "sqlite://tansu.db"]);
+            .args([
+                "--storage-engine",
+                if self.memory {
+                    "memory://tansu/"
+                } else {
+                    "sqlite://tansu.db"
+                },
+            ]);
         self.proc = Some(Proc::spawn("tansu", cmd));
         let addr = self.addr;
         eventually(
@@ -776,4 +781,42 @@ pub fn report(row: &FaultRow<'_>) {
     {
         let _ = f.write_all(line.as_bytes());
     }
+}
+
+// --- shared helpers of tests and benchmarks -------------------------------------------------
+
+/// A valid v1 click event (as ingest would publish it) with random hashes.
+pub fn sample_event(click_id: &str, code: &str, landing_path: &str, is_bot: bool) -> Vec<u8> {
+    shared::event::ClickEvent {
+        v: 1,
+        click_id: click_id.to_owned(),
+        code: code.to_owned(),
+        landing_path: landing_path.to_owned(),
+        utm_source: "newsletter".into(),
+        utm_medium: "email".into(),
+        utm_campaign: "spring".into(),
+        ip_hash: format!("{:064x}", rand::random::<u128>()),
+        ua_hash: format!("{:064x}", rand::random::<u128>()),
+        key_id: "k1".into(),
+        is_bot,
+        received_at_ms: shared::now_ms(),
+    }
+    .encode()
+}
+
+/// Expands the Grafana ClickHouse plugin's time macros the way the plugin does.
+pub fn expand_macros(sql: &str, from: u64, to: u64) -> String {
+    const FILTER: &str = "$__timeFilter(";
+    let mut out = sql
+        .replace("$__fromTime", &format!("toDateTime({from})"))
+        .replace("$__toTime", &format!("toDateTime({to})"));
+    while let Some(start) = out.find(FILTER) {
+        let rest = &out[start + FILTER.len()..];
+        let Some(end) = rest.find(')') else { break };
+        let column = rest[..end].trim().to_owned();
+        let replacement =
+            format!("{column} >= toDateTime({from}) AND {column} <= toDateTime({to})");
+        out.replace_range(start..start + FILTER.len() + end + 1, &replacement);
+    }
+    out
 }

@@ -153,25 +153,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-/// Expands the Grafana ClickHouse macros the way the plugin does.
-fn expand_macros(sql: &str, from: u64, to: u64) -> String {
-    let mut out = sql
-        .replace("$__fromTime", &format!("toDateTime({from})"))
-        .replace("$__toTime", &format!("toDateTime({to})"));
-    while let Some(start) = out.find("$__timeFilter(") {
-        let rest = &out[start + "$__timeFilter(".len()..];
-        let end = rest.find(')').expect("closing parenthesis");
-        let column = rest[..end].trim().to_owned();
-        let replacement =
-            format!("{column} >= toDateTime({from}) AND {column} <= toDateTime({to})");
-        out.replace_range(
-            start..start + "$__timeFilter(".len() + end + 1,
-            &replacement,
-        );
-    }
-    out
-}
-
 fn named_queries() -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     for entry in std::fs::read_dir(root().join("deploy/clickhouse/queries")).expect("queries dir") {

@@ -9,25 +9,15 @@ use e2e::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use shared::event::ClickEvent;
 
-/// A valid v1 event with a random click id.
+/// A valid v1 event.
 fn event(click_id: &str) -> Vec<u8> {
-    ClickEvent {
-        v: 1,
-        click_id: click_id.to_owned(),
-        code: format!("CODE{:08}", rand::random::<u32>() % 100),
-        landing_path: "/pricing".into(),
-        utm_source: "newsletter".into(),
-        utm_medium: "email".into(),
-        utm_campaign: "spring".into(),
-        ip_hash: format!("{:064x}", rand::random::<u128>()),
-        ua_hash: format!("{:064x}", rand::random::<u128>()),
-        key_id: "k1".into(),
-        is_bot: false,
-        received_at_ms: shared::now_ms(),
-    }
-    .encode()
+    sample_event(
+        click_id,
+        &format!("CODE{:08}", rand::random::<u32>() % 100),
+        "/pricing",
+        false,
+    )
 }
 
 struct Feeder {

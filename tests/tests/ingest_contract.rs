@@ -550,30 +550,7 @@ async fn broker_down_at_start_then_recovers() {
     );
 
     // The broker arrives on that address.
-    let broker_dir = std::env::temp_dir().join(unique("tansu_late"));
-    std::fs::create_dir_all(&broker_dir).expect("dir");
-    let tansu = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
-        format!(
-            "{}/.cargo/bin/tansu",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let url = format!("tcp://{addr}");
-    let mut cmd = std::process::Command::new(tansu);
-    cmd.current_dir(&broker_dir).args([
-        "broker",
-        "--listener-url",
-        &url,
-        "--advertised-listener-url",
-        &url,
-        "--storage-engine",
-        "sqlite://tansu.db",
-    ]);
-    let _broker = Proc::spawn("tansu", cmd);
-    eventually("late broker", Duration::from_secs(20), || async move {
-        TcpStream::connect(addr).await.ok().map(|_| ())
-    })
-    .await;
+    let _broker = PrivateBroker::start_with(addr, addr, false).await;
     create_topic(&addr.to_string(), "referral_clicks", 2).await;
 
     ingest.ready().await;
@@ -584,7 +561,6 @@ async fn broker_down_at_start_then_recovers() {
     )
     .await;
     assert_eq!(status, 200, "{env}");
-    let _ = std::fs::remove_dir_all(&broker_dir);
 }
 
 /// SIGTERM under load: in-flight requests are answered, every 200 is in the topic.

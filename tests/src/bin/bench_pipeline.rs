@@ -152,38 +152,11 @@ fn release_env() {
     std::env::set_var("E2E_BIN_DIR", dir);
 }
 
-async fn private_broker(memory: bool) -> (Proc, String, PathBuf) {
-    let dir = std::env::temp_dir().join(unique("bench_tansu"));
-    std::fs::create_dir_all(&dir).expect("dir");
+async fn private_broker(memory: bool) -> (PrivateBroker, String) {
     let addr = free_addr();
-    let url = format!("tcp://{addr}");
-    let storage = if memory {
-        "memory://tansu/"
-    } else {
-        "sqlite://tansu.db"
-    };
-    let tansu = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
-        format!(
-            "{}/.cargo/bin/tansu",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let mut cmd = Command::new(tansu);
-    cmd.current_dir(&dir).args([
-        "broker",
-        "--listener-url",
-        &url,
-        "--advertised-listener-url",
-        &url,
-        "--storage-engine",
-        storage,
-    ]);
-    let p = Proc::spawn("bench_tansu", cmd);
-    eventually("broker", Duration::from_secs(20), || async move {
-        tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
-    })
-    .await;
-    (p, addr.to_string(), dir)
+    let broker = PrivateBroker::start_with(addr, addr, memory).await;
+    let brokers = broker.brokers();
+    (broker, brokers)
 }
 
 fn unlimited() -> Vec<(String, String)> {
@@ -196,7 +169,7 @@ fn unlimited() -> Vec<(String, String)> {
 
 async fn bench_ingest(dir: &Path, script: &Path) {
     println!("\n## ingest (tansu on memory storage; wrk -t2 -c256, 70% JSON / 10% text/plain / 10% gzip / 10% invalid)\n");
-    let (_broker, brokers, _bdir) = private_broker(true).await;
+    let (_broker, brokers) = private_broker(true).await;
     create_topic(&brokers, "referral_clicks", 8).await;
     let ingest = Ingest::start(&IngestOptions {
         brokers: brokers.clone(),
@@ -262,7 +235,7 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     drop(ingest);
 
     // Durable storage, for the record.
-    let (_broker, brokers, _bdir) = private_broker(false).await;
+    let (_broker, brokers) = private_broker(false).await;
     create_topic(&brokers, "referral_clicks", 8).await;
     let ingest = Ingest::start(&IngestOptions {
         brokers,
@@ -275,26 +248,17 @@ async fn bench_ingest(dir: &Path, script: &Path) {
 }
 
 fn event(i: u64) -> Vec<u8> {
-    ClickEvent {
-        v: 1,
-        click_id: format!("refclk_{:032x}", rand::random::<u128>()),
-        code: format!("C{:011}", i % 5000),
-        landing_path: format!("/p/{}", i % 200),
-        utm_source: "newsletter".into(),
-        utm_medium: "email".into(),
-        utm_campaign: format!("c{}", i % 20),
-        ip_hash: format!("{:064x}", rand::random::<u128>()),
-        ua_hash: format!("{:064x}", rand::random::<u128>()),
-        key_id: "k1".into(),
-        is_bot: i % 20 == 0,
-        received_at_ms: shared::now_ms(),
-    }
-    .encode()
+    sample_event(
+        &random_click_id(),
+        &format!("C{:011}", i % 5000),
+        &format!("/p/{}", i % 200),
+        i % 20 == 0,
+    )
 }
 
 async fn bench_consumer(rows: u64) {
     println!("\n## consumer ({rows} events pre-filled, tansu on memory storage, default batch settings)\n");
-    let (_broker, brokers, _bdir) = private_broker(true).await;
+    let (_broker, brokers) = private_broker(true).await;
     let topic = unique("bench_clicks");
     create_topic(&brokers, &topic, 8).await;
     create_topic(&brokers, &format!("{topic}_dlq"), 1).await;
@@ -502,7 +466,7 @@ async fn bench_consumer(rows: u64) {
 
 async fn bench_freshness() {
     println!("\n## freshness (tansu on sqlite, default settings, 200 clicks/s for 15 s)\n");
-    let (_broker, brokers, _bdir) = private_broker(false).await;
+    let (_broker, brokers) = private_broker(false).await;
     let scope = Scope::with_brokers("bench_fresh", 8, &brokers).await;
     let mut copts = scope.consumer_options();
     copts.extra_env.push(("LOG_LEVEL".into(), "warn".into()));

@@ -83,22 +83,6 @@ fn row(r: &mut Rng, now: u64, topic: &str, offset: u64) -> ClickRow {
     }
 }
 
-fn expand(sql: &str, from: u64, to: u64) -> String {
-    let mut out = sql
-        .replace("$__fromTime", &format!("toDateTime({from})"))
-        .replace("$__toTime", &format!("toDateTime({to})"));
-    while let Some(start) = out.find("$__timeFilter(") {
-        let rest = &out[start + 14..];
-        let end = rest.find(')').unwrap_or(0);
-        let column = rest[..end].trim().to_owned();
-        out.replace_range(
-            start..start + 14 + end + 1,
-            &format!("{column} >= toDateTime({from}) AND {column} <= toDateTime({to})"),
-        );
-    }
-    out
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -189,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
             &[("7 days", 7), ("30 days", 30)]
         };
         for &(label, days) in ranges {
-            let sql = expand(sql, now - days * 86_400, now);
+            let sql = e2e::expand_macros(sql, now - days * 86_400, now);
             let mut times = Vec::new();
             for _ in 0..5 {
                 let t = Instant::now();
