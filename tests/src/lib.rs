@@ -820,3 +820,14 @@ pub fn expand_macros(sql: &str, from: u64, to: u64) -> String {
     }
     out
 }
+
+/// `E2E_SOAK_SECS` (default 0): extra seconds the load-holding fault tests keep going
+/// (broker restart under load, ClickHouse outage, repeated consumer SIGKILLs). The normal
+/// run fits in a few minutes; `E2E_SOAK_SECS=600 deploy/local/test -- --test exactly_once`
+/// is the long soak.
+pub fn soak_secs() -> u64 {
+    std::env::var("E2E_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -120,10 +120,12 @@ async fn sigkill_mid_batch_repeatedly_loses_and_duplicates_nothing() {
     let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
     feeder.send(3000).await;
     let mut consumer = ConsumerProc::start(&opts);
-    for round in 0..5u64 {
+    // Each soak minute adds six kill/restart rounds.
+    let rounds = 5 + soak_secs() / 10;
+    for round in 0..rounds {
         feeder.send(1500).await;
         // Let it get into the middle of the stream, then kill it without warning.
-        tokio::time::sleep(Duration::from_millis(700 + 150 * round)).await;
+        tokio::time::sleep(Duration::from_millis(700 + 150 * (round % 8))).await;
         consumer.proc.kill();
         consumer = ConsumerProc::start(&opts);
     }
@@ -243,7 +245,7 @@ async fn clickhouse_outage_keeps_data_and_resumes() {
 
     proxy.cut();
     let outage = std::time::Instant::now();
-    while outage.elapsed() < Duration::from_secs(30) {
+    while outage.elapsed() < Duration::from_secs(30 + soak_secs()) {
         feeder.send(200).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -479,7 +481,7 @@ async fn broker_restart_under_load_loses_nothing() {
         let c = http();
         let mut accepted = Vec::new();
         let mut refused = 0;
-        let deadline = std::time::Instant::now() + Duration::from_secs(8);
+        let deadline = std::time::Instant::now() + Duration::from_secs(8 + soak_secs());
         while std::time::Instant::now() < deadline {
             let id = random_click_id();
             let (status, _) = post_click(
@@ -496,8 +498,12 @@ async fn broker_restart_under_load_loses_nothing() {
         }
         (accepted, refused)
     });
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    broker.restart().await;
+    // Restart the broker every few seconds while the load lasts.
+    let restarts = 1 + soak_secs() / 5;
+    for _ in 0..restarts {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        broker.restart().await;
+    }
     let (accepted, refused) = load.await.expect("load");
     assert!(
         accepted.len() > 50,
