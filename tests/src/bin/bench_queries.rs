@@ -132,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         let s = started.elapsed().as_secs_f64();
-        println!("load: {rows} rows in {s:.1} s = {:.0} rows/s (insert path of the consumer, 5 materialized views attached)", rows as f64 / s);
+        println!("load: {rows} rows in {s:.1} s = {:.0} rows/s (insert path of the consumer, with the materialized views of the migrations attached)", rows as f64 / s);
         // Let background merges settle so timings reflect a steady table.
         ch.query(&format!("OPTIMIZE TABLE {DATABASE}.clicks_hourly"))
             .await;
