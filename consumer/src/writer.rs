@@ -26,10 +26,6 @@ impl Writer {
         }
     }
 
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
     /// One INSERT of all `rows`, tagged with `query_id` so that after a failure we can wait
     /// until the server is really done with it.
     pub async fn insert(&self, rows: &[ClickRow], query_id: &str) -> clickhouse::error::Result<()> {

@@ -105,16 +105,14 @@ impl KafkaSink {
         let sink = Arc::clone(self);
         tokio::spawn(async move {
             loop {
-                let probe = Arc::clone(&sink);
-                let ok = tokio::task::spawn_blocking(move || probe.broker_knows_topic())
-                    .await
-                    .unwrap_or(false);
+                let was_ready = sink.is_ready();
+                let ok = sink.check_now().await;
                 if let Some((code, reason)) = sink.current().client().fatal_error() {
                     tracing::error!(%code, %reason, "fatal producer error: replacing the Kafka producer");
                     let replacing = Arc::clone(&sink);
                     let _ = tokio::task::spawn_blocking(move || replacing.recreate()).await;
                 }
-                if ok != sink.ready.swap(ok, Ordering::Relaxed) {
+                if ok != was_ready {
                     if ok {
                         tracing::info!(topic = %sink.topic, "broker reachable");
                     } else {
@@ -173,7 +171,7 @@ impl KafkaSink {
         }
     }
 
-    /// Checks the broker once, now (start-up).
+    /// Checks the broker now and records the answer (start-up and the health loop).
     pub async fn check_now(self: &Arc<Self>) -> bool {
         let probe = Arc::clone(self);
         let ok = tokio::task::spawn_blocking(move || probe.broker_knows_topic())

@@ -38,11 +38,6 @@ impl IpRateLimiter {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
     }
-
-    /// Number of clients with a bucket (for the `forget_idle` test and metrics).
-    pub fn tracked_clients(&self) -> usize {
-        self.limiter.len()
-    }
 }
 
 fn bucket_key(ip: IpAddr) -> IpAddr {

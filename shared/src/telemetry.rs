@@ -36,7 +36,7 @@ pub fn init_tracing() {
 
 /// Installs the global Prometheus recorder. Histograms whose name ends in `_seconds` get
 /// latency buckets, those ending in `_rows` size buckets.
-pub fn install_metrics() -> anyhow_free::Result<PrometheusHandle> {
+pub fn install_metrics() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_rows".into()), SIZE_BUCKETS))
@@ -53,11 +53,6 @@ pub fn install_metrics() -> anyhow_free::Result<PrometheusHandle> {
         }
     });
     Ok(handle)
-}
-
-/// Small local alias so this crate does not need `anyhow`.
-pub mod anyhow_free {
-    pub type Result<T> = std::result::Result<T, String>;
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

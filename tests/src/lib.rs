@@ -529,6 +529,18 @@ pub async fn post_click(
     (status, json)
 }
 
+/// Posts a valid click with a fresh random click id; returns the id and the status.
+pub async fn post_fresh_click(client: &reqwest::Client, url: &str) -> (String, u16) {
+    let id = random_click_id();
+    let (status, _) = post_click(
+        client,
+        url,
+        &serde_json::json!({"code": "A1B2C3D4E5F6", "click_id": id}),
+    )
+    .await;
+    (id, status)
+}
+
 // --- a TCP proxy whose link can be cut or stalled ----------------------------------------
 
 /// Forwards connections from a local port to `target`. While `down`, it refuses new

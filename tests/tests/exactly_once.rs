@@ -483,13 +483,7 @@ async fn broker_restart_under_load_loses_nothing() {
         let mut refused = 0;
         let deadline = std::time::Instant::now() + Duration::from_secs(8 + soak_secs());
         while std::time::Instant::now() < deadline {
-            let id = random_click_id();
-            let (status, _) = post_click(
-                &c,
-                &url,
-                &serde_json::json!({"code":"A1B2C3D4E5F6","click_id": id}),
-            )
-            .await;
+            let (id, status) = post_fresh_click(&c, &url).await;
             match status {
                 200 => accepted.push(id),
                 503 => refused += 1,

@@ -490,13 +490,7 @@ async fn bench_freshness() {
                 tick.tick().await;
                 let (c, url, acked) = (c.clone(), url.clone(), acked.clone());
                 tasks.push(tokio::spawn(async move {
-                    let id = random_click_id();
-                    let (status, _) = post_click(
-                        &c,
-                        &url,
-                        &serde_json::json!({"code":"A1B2C3D4E5F6","click_id": id}),
-                    )
-                    .await;
+                    let (id, status) = post_fresh_click(&c, &url).await;
                     if status == 200 {
                         if let Ok(mut a) = acked.lock() {
                             a.push((id, Instant::now()));
