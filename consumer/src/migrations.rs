@@ -3,8 +3,9 @@
 //!
 //! * A file is `NNNN_name.sql`; statements end with `;` at the end of a line.
 //! * `{{clicks_table}}` stands for the configured raw clicks table.
-//! * A first line `-- requires: X.Y` gates the file on the server version; a gated file is
-//!   not recorded when skipped, so it applies once the server is upgraded.
+//! * Every file may use what ClickHouse 24.8 has (the oldest supported server, the
+//!   compose file's image): `apply` refuses an older server with a clear message rather
+//!   than leave a schema half made.
 //! * Statements are written to be idempotent (`IF NOT EXISTS`), so two consumers starting
 //!   at once, or a crash between a statement and its record, do no harm.
 
@@ -16,7 +17,6 @@ static MIGRATIONS: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/../deploy/clickho
 pub struct Migration {
     pub version: u32,
     pub name: String,
-    pub requires: Option<(u32, u32)>,
     pub statements: Vec<String>,
 }
 
@@ -48,18 +48,10 @@ pub fn all(clicks_table: &str) -> Result<Vec<Migration>, String> {
     Ok(out)
 }
 
+/// The oldest ClickHouse release the schema and the consumer's insert settings support.
+pub const MIN_SERVER_VERSION: (u32, u32) = (24, 8);
+
 fn parse(version: u32, name: &str, text: &str) -> Result<Migration, String> {
-    let requires = match text
-        .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("-- requires:"))
-    {
-        None => None,
-        Some(v) => Some(
-            parse_version(v.trim())
-                .ok_or_else(|| format!("migration {name}: bad `-- requires:` line"))?,
-        ),
-    };
     let mut statements = Vec::new();
     let mut current = String::new();
     for line in text.lines() {
@@ -85,7 +77,6 @@ fn parse(version: u32, name: &str, text: &str) -> Result<Migration, String> {
     Ok(Migration {
         version,
         name: name.to_owned(),
-        requires,
         statements,
     })
 }
@@ -111,6 +102,13 @@ pub async fn apply(
         .await?;
     let server_version = parse_version(&server)
         .ok_or_else(|| anyhow::anyhow!("unreadable server version {server}"))?;
+    if server_version < MIN_SERVER_VERSION {
+        let (major, minor) = MIN_SERVER_VERSION;
+        anyhow::bail!(
+            "ClickHouse {server} is too old: the schema needs {major}.{minor} or newer (TTL, \
+             insert deduplication tokens, async_insert settings); upgrade the server"
+        );
+    }
     client
         .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
         .execute()
@@ -130,12 +128,6 @@ pub async fn apply(
     for m in all(clicks_table).map_err(anyhow::Error::msg)? {
         if done.contains(&m.version) {
             continue;
-        }
-        if let Some(min) = m.requires {
-            if server_version < min {
-                tracing::info!(migration = %m.name, server = %server, "skipped: needs a newer ClickHouse");
-                continue;
-            }
         }
         for stmt in &m.statements {
             db.query(stmt)
@@ -170,26 +162,16 @@ mod tests {
         assert!(all
             .iter()
             .all(|m| m.statements.iter().all(|s| !s.contains("{{"))));
-        let gated = all
-            .iter()
-            .find(|m| m.version == 100)
-            .expect("modern migration");
-        assert_eq!(gated.requires, Some((21, 8)));
     }
 
     #[test]
-    fn parses_statements_and_gates() {
-        let m = parse(
-            7,
-            "0007_x.sql",
-            "-- requires: 22.3\n-- comment\nCREATE X\n  (a);\nALTER Y;\n",
-        )
-        .expect("parse");
-        assert_eq!(m.requires, Some((22, 3)));
+    fn parses_statements_and_versions() {
+        let m = parse(7, "0007_x.sql", "-- comment\nCREATE X\n  (a);\nALTER Y;\n").expect("parse");
         assert_eq!(m.statements, vec!["CREATE X\n  (a)", "ALTER Y"]);
         assert!(parse(8, "0008_y.sql", "CREATE X").is_err());
         assert_eq!(parse_version("18.16.1"), Some((18, 16)));
         assert!(parse_version("18").is_none());
-        assert!((18, 16) < (21, 8));
+        assert_eq!(parse_version("26.9.2.1"), Some((26, 9)));
+        assert!((18, 16) < MIN_SERVER_VERSION && (26, 9) >= MIN_SERVER_VERSION);
     }
 }

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use shared::event::{decode_digest, ClickEvent};
 
-/// Field order and types match `deploy/clickhouse/0001_referral_clicks.sql` (RowBinary
-/// carries no names on 18.16, so order matters). `inserted_at` is left to its default.
+/// Field order and types match `deploy/clickhouse/0001_referral_clicks.sql` (plain
+/// RowBinary carries no names, so order matters). `inserted_at` is left to its default.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
 pub struct ClickRow {
     pub click_id: String,

@@ -1,8 +1,7 @@
 -- The raw clicks: one row per accepted click, written only by the consumer.
 -- Ordered for per-code time-range queries, partitioned by month. kafka_* say where the
 -- row came from: the consumer's exactly-once check reads them after a failure or a
--- rebalance. Works on ClickHouse 18.16 (LowCardinality needs the profile setting there)
--- and on current servers.
+-- rebalance.
 CREATE TABLE IF NOT EXISTS {{clicks_table}}
 (
     click_id        String,

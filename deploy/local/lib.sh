@@ -19,6 +19,9 @@ PROM_PORT=${LOCAL_PROMETHEUS_PORT:-9090}
 INGEST_PORT=${LOCAL_INGEST_PORT:-8080}
 CONSUMER_PORT=${LOCAL_CONSUMER_PORT:-9101}
 TANSU_VERSION=0.6.0
+# ClickHouse 26.9 engine from PyPI (see deploy/local/clickhouse/serve.py); pinned.
+CHDB_VERSION=26.9.0
+CHDB_VENV=${LOCAL_CHDB_VENV:-$STATE/chdb-venv}
 
 KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
 CLICKHOUSE_URL=http://127.0.0.1:$CH_HTTP_PORT
@@ -33,7 +36,11 @@ apt_install() {
   # $1: a command that shows the package is there; the rest: package names.
   local probe=$1; shift
   command -v "$probe" >/dev/null 2>&1 && return 0
-  command -v apt-get >/dev/null 2>&1 || die "$probe is missing and apt-get is not available: install $* by hand"
+  apt_install_pkgs "$@"
+}
+
+apt_install_pkgs() {
+  command -v apt-get >/dev/null 2>&1 || die "apt-get is not available: install $* by hand"
   local sudo=
   [ "$(id -u)" -eq 0 ] || sudo=sudo
   if [ -z "$APT_UPDATED" ]; then
@@ -61,9 +68,22 @@ install_tansu() {
   cargo install tansu --version "$TANSU_VERSION" --locked --features libsql,dynostore --quiet
 }
 
+# ClickHouse 26.9: chdb-core in a virtual environment under .local/ (~890 MB, ~45 s once).
+install_clickhouse() {
+  local have
+  have=$("$CHDB_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("chdb-core"))' 2>/dev/null || true)
+  [ "$have" = "$CHDB_VERSION" ] && return 0
+  command -v python3 >/dev/null 2>&1 || die "python3 is needed to run ClickHouse (chdb-core)"
+  log "installing ClickHouse $CHDB_VERSION (PyPI chdb-core) into $CHDB_VENV (about 45 s, once)"
+  [ -x "$CHDB_VENV/bin/python" ] || python3 -m venv "$CHDB_VENV" \
+    || { apt_install_pkgs python3-venv && python3 -m venv "$CHDB_VENV"; } \
+    || die "could not create a Python virtual environment in $CHDB_VENV"
+  "$CHDB_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "chdb-core==$CHDB_VERSION"
+}
+
 install_services() {
   apt_install curl curl ca-certificates
-  apt_install clickhouse-server clickhouse-server clickhouse-client
+  install_clickhouse
   apt_install prometheus prometheus
   install_tansu
 }
@@ -151,7 +171,7 @@ start_clickhouse() {
     "$ROOT/deploy/local/clickhouse/config.xml.in" >"$dir/config.xml"
   cp "$ROOT/deploy/local/clickhouse/users.xml" "$dir/users.xml"
   port_free clickhouse "$CH_HTTP_PORT"
-  start clickhouse "$dir" /usr/sbin/clickhouse-server --config-file="$dir/config.xml"
+  TZ=UTC start clickhouse "$dir" "$CHDB_VENV/bin/python" "$ROOT/deploy/local/clickhouse/serve.py" "$dir"
   wait_until clickhouse 60 http_ok "$CLICKHOUSE_URL/ping"
 }
 

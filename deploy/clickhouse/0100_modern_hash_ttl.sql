@@ -1,6 +1,0 @@
--- requires: 21.8
--- Modern servers only (18.16 has no TTL): the keyed IP/UA hashes are only needed for
--- abuse and unique-visitor analytics of recent months; after 13 months they are reset to
--- zeros, so old rows keep their counts but no longer link visitors.
-ALTER TABLE {{clicks_table}} MODIFY COLUMN ip_hash FixedString(32) TTL received_at + INTERVAL 13 MONTH;
-ALTER TABLE {{clicks_table}} MODIFY COLUMN ua_hash FixedString(32) TTL received_at + INTERVAL 13 MONTH;
