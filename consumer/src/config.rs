@@ -176,7 +176,34 @@ pub struct Config {
     )]
     pub dedup_max_ids: usize,
 
-    /// Timeout of one insert attempt.
+    #[arg(
+        long,
+        env = "CONSUMER_FLUSH_DEADLINE_MS",
+        default_value_t = 60_000,
+        help = "One deadline for a whole flush (plans, inserts, reloads) and for a dead letter; must stay below max.poll.interval.ms (300000)",
+        global = true
+    )]
+    pub flush_deadline_ms: u64,
+
+    #[arg(
+        long,
+        env = "CONSUMER_DEDUP_TRUST_SECS",
+        default_value_t = 600,
+        help = "Another member's plan younger than this is replayed on the server's deduplication window alone; older ones first ask which rows are stored",
+        global = true
+    )]
+    pub dedup_trust_secs: u64,
+
+    #[arg(
+        long,
+        env = "CONSUMER_INSERT_CONCURRENCY",
+        default_value_t = 4,
+        help = "Partitions inserted at the same time in one flush",
+        global = true
+    )]
+    pub insert_concurrency: usize,
+
+    /// Timeout of one insert attempt (and of each plan and id query).
     #[arg(
         long,
         env = "CONSUMER_INSERT_TIMEOUT_MS",
@@ -269,6 +296,17 @@ impl Config {
             || self.retry_max_backoff_ms < 100
         {
             return Err("CONSUMER_BATCH_MAX_AGE_MS, CONSUMER_INSERT_TIMEOUT_MS: at least 1; CONSUMER_RETRY_MAX_BACKOFF_MS: at least 100".into());
+        }
+        if self.insert_timeout_ms > self.flush_deadline_ms
+            || self.flush_deadline_ms * 2 > crate::kafka::MAX_POLL_INTERVAL_MS
+        {
+            return Err(format!(
+                "CONSUMER_FLUSH_DEADLINE_MS: at least CONSUMER_INSERT_TIMEOUT_MS and at most {} (half of max.poll.interval.ms)",
+                crate::kafka::MAX_POLL_INTERVAL_MS / 2
+            ));
+        }
+        if self.insert_concurrency == 0 {
+            return Err("CONSUMER_INSERT_CONCURRENCY: at least 1".into());
         }
         if !(1..=10_000).contains(&self.topic_partitions) || self.topic_replication < 1 {
             return Err(

@@ -92,6 +92,9 @@ impl ConsumerContext for Context {
 
 pub type Consumer = StreamConsumer<Context>;
 
+/// librdkafka's default, set explicitly because the flush deadline is validated against it.
+pub const MAX_POLL_INTERVAL_MS: u64 = 300_000;
+
 pub fn consumer(config: &Config) -> rdkafka::error::KafkaResult<Consumer> {
     let context = Context {
         topic: config.kafka_topic.clone(),
@@ -107,6 +110,8 @@ pub fn consumer(config: &Config) -> rdkafka::error::KafkaResult<Consumer> {
         .set("auto.offset.reset", "earliest")
         // A dead member's partitions move on within ~10 s.
         .set("session.timeout.ms", "10000")
+        // A flush is bounded by CONSUMER_FLUSH_DEADLINE_MS, well below this.
+        .set("max.poll.interval.ms", MAX_POLL_INTERVAL_MS.to_string())
         .set("heartbeat.interval.ms", "1000")
         // Freshness: do not hold fetches long when the topic is quiet.
         .set("fetch.wait.max.ms", "100")
@@ -135,11 +140,43 @@ pub struct DeadLetter<'a> {
     pub reason: &'a str,
 }
 
-/// Publishes a dead letter, retrying until the broker takes it: skipping it would lose
-/// the message, since its offset is committed with the next batch.
-pub async fn send_dead_letter(producer: &FutureProducer, config: &Config, letter: &DeadLetter<'_>) {
+/// Why a dead letter could not be published. Either way its offset must not be
+/// committed, and the process stops: a consumer that cannot dead-letter would otherwise
+/// wedge (stop polling and fall out of its group) or lose the message.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("the broker refused the dead letter for good ({0}); check CONSUMER_DLQ_TOPIC exists and accepts messages of this size")]
+    Permanent(RDKafkaErrorCode),
+    #[error("the dead-letter topic did not take the message within {0:?} (last error: {1})")]
+    TimedOut(Duration, String),
+}
+
+/// Errors that retrying cannot fix.
+fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::UnknownTopic
+    )
+}
+
+/// Publishes a dead letter, retrying transient errors for at most `limit`.
+pub async fn send_dead_letter(
+    producer: &FutureProducer,
+    config: &Config,
+    letter: &DeadLetter<'_>,
+    limit: Duration,
+) -> Result<(), DeadLetterError> {
     let partition = letter.partition.to_string();
     let offset = letter.offset.to_string();
+    let deadline = tokio::time::Instant::now() + limit;
     let mut backoff = Duration::from_millis(100);
     loop {
         let headers = OwnedHeaders::new()
@@ -165,14 +202,30 @@ pub async fn send_dead_letter(producer: &FutureProducer, config: &Config, letter
         if let Some(key) = letter.key {
             record = record.key(key);
         }
-        match producer.send(record, Duration::from_secs(5)).await {
-            Ok(_) => return,
-            Err((e, _)) => {
-                tracing::warn!(error = %e, "dead letter not accepted; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // `send`'s own timeout only bounds queueing; delivery is bounded here. A letter
+        // given up on may still arrive later: dead letters are at-least-once.
+        let error = match tokio::time::timeout(left, producer.send(record, left)).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err((e, _))) => e,
+            Err(_) => {
+                return Err(DeadLetterError::TimedOut(
+                    limit,
+                    "no delivery report".into(),
+                ))
+            }
+        };
+        if let Some(code) = error.rdkafka_error_code() {
+            if is_permanent(code) {
+                return Err(DeadLetterError::Permanent(code));
             }
         }
+        if tokio::time::Instant::now() + backoff >= deadline {
+            return Err(DeadLetterError::TimedOut(limit, error.to_string()));
+        }
+        tracing::warn!(error = %error, "dead letter not accepted; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -1,12 +1,13 @@
 //! `consumer`: a Kafka consumer-group member that writes referral clicks into ClickHouse
 //! in batches, exactly once (see [`pipeline`] for the invariants).
 
-pub mod batch;
 pub mod config;
 pub mod kafka;
 pub mod migrations;
 pub mod ops;
+pub mod partition;
 pub mod pipeline;
+pub mod plan;
 pub mod row;
 pub mod writer;
 

@@ -1,63 +1,85 @@
-//! The consume → batch → insert → commit loop, and why it writes every click exactly once.
+//! The consume → plan → insert → commit loop, and why it writes every click exactly once.
 //!
 //! # Invariants
-//! 1. **Nothing is committed that is not stored.** Offsets (`hi + 1` per partition) are
-//!    committed only after ClickHouse accepted the INSERT holding the batch's rows.
-//! 2. **Nothing is stored twice.** Every row carries `(kafka_topic, kafka_partition,
-//!    kafka_offset)`. A partition is *checking* after it is assigned (a previous owner may
-//!    have inserted rows whose commit never happened) and after a failed insert (the
-//!    server may have stored some parts of it). Before inserting rows of a checking
-//!    partition, the loop asks ClickHouse which offsets `>= lo` of that partition are
-//!    already stored and drops those rows. The partition stops checking once a check
-//!    finds nothing stored beyond the batch. This does not need dedup tokens, which 18.16
-//!    lacks, and it holds whether or not the last commit reached the broker.
-//! 3. **No check races an insert.** Inserts carry a `query_id`; after a failure the loop
-//!    waits until that query has left `system.processes` before it checks. Rebalance
-//!    callbacks run inside `recv()` on this task, never during an insert, and every insert
-//!    attempt is bounded by a timeout far below `max.poll.interval.ms`, so a partition is
-//!    never written by two members at once. Rows of revoked partitions are dropped
-//!    unwritten: the next owner reads them again from the committed offset.
-//! 4. **A client retry is one click.** The message key is the click id, so a retried click
-//!    lands in the partition of the first one; rows whose click id was written within the
-//!    dedup window (remembered per partition, reloaded from ClickHouse on assignment) or
-//!    appears earlier in the batch are dropped.
-//! 5. **Bad messages never block a partition.** An undecodable or invalid message goes to
-//!    the dead-letter topic (acknowledged before its offset can be committed) and its
-//!    offset is covered by the batch range.
-//! 6. **Bounded memory.** With ClickHouse down the loop retries with capped exponential
-//!    backoff and keeps buffering until `max_buffered_rows`, then pauses fetching until an
-//!    insert succeeds.
+//! 1. **Nothing is committed that is not stored.** A partition's offset `hi + 1` is
+//!    committed only after ClickHouse accepted the insert of the plan ending at `hi`.
+//! 2. **Every insert is a plan, and a plan is inserted at most once at the server.** A plan
+//!    is one partition's offsets `lo..=hi` plus the digest of the messages there
+//!    ([`crate::plan`]). Its rows go in one INSERT with `insert_deduplication_token` made
+//!    from the plan, into a table with a deduplication window, with
+//!    `deduplicate_blocks_in_dependent_materialized_views`: sending a plan again (our retry
+//!    after an error or a timeout, another member's replay, an insert that outlived its
+//!    sender) stores nothing new in the table or in any view's target, while a view that
+//!    failed the first time gets its rows.
+//! 3. **Every member cuts the same plans.** Before inserting, a member records its
+//!    proposal (`{table}_plans`) and reads back every plan recorded at that start offset;
+//!    the first one in commit order (`_block_number`) whose messages are the ones in hand
+//!    wins, and everyone inserts exactly the winner. So a new owner after a rebalance, a
+//!    crash or an offset reset follows the cuts of whoever wrote there before, even while
+//!    that member's insert is still running on the server, or if a stalled member wakes up
+//!    and sends a late insert or a late proposal. Plans of an older incarnation of the topic
+//!    (same offsets, other messages) have other digests and are passed over.
+//! 4. **Bounded work, bounded time.** A flush (ownership check, id reload, proposal, plan
+//!    read, inserts) has one deadline (`CONSUMER_FLUSH_DEADLINE_MS`) far below
+//!    `max.poll.interval.ms`, so the member keeps polling and stays in its group; each query
+//!    reads only the keys it needs. When the deadline passes, the plans in hand stay as they
+//!    are and are sent again (invariant 2). Right before proposing and before inserting,
+//!    partitions no longer in the assignment are dropped unwritten.
+//! 5. **A client retry is one click.** The message key is the click id, so a retried click
+//!    lands in the partition of the first one; a row whose click id was written within the
+//!    dedup window of *ingest* time (remembered per partition after every stored plan,
+//!    replays included; reloaded from ClickHouse on assignment) or appears earlier in the
+//!    plan is not sent.
+//! 6. **Bad messages never block a partition.** An undecodable or invalid message goes to
+//!    the dead-letter topic (acknowledged before its offset can be in a plan). A dead letter
+//!    the broker refuses for good, or does not take within the deadline, stops the process
+//!    with a clear message: its offset is never committed.
+//! 7. **Bounded memory.** With ClickHouse down the loop retries with capped exponential
+//!    backoff and keeps buffering until `max_buffered_rows`, then pauses fetching.
+//!
+//! Old replays: the server's deduplication window is a number of blocks. A plan recorded
+//! by another member longer ago than `CONSUMER_DEDUP_TRUST_SECS` may have left the window,
+//! so before replaying it the member asks which of its offsets are stored (bounded to the
+//! plan's offsets and ingest months) and sends only the rest.
+//!
+//! Clustered ClickHouse: see the README ("Clustered ClickHouse"). In short: replicated
+//! tables deduplicate by default (`replicated_deduplication_window`), views too with the
+//! insert setting used here; the plans table must be replicated, and the plan read-back
+//! must see every plan committed before it (`select_sequential_consistency = 1` with
+//! `insert_quorum`, or one replica for the consumer's traffic).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{Batch, RecentIds};
 use crate::config::Config;
-use crate::kafka::{self, Consumer, DeadLetter, Rebalanced};
-use crate::row::ClickRow;
+use crate::kafka::{self, Consumer, DeadLetter, DeadLetterError, Rebalanced};
+use crate::partition::{Agreement, PartitionState, RecentIds};
+use crate::plan::{message_hash, PlanRange};
+use crate::row;
 use crate::writer::Writer;
-use shared::event::ClickEvent;
 use shared::metric_names as m;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// After a flush in which a partition had to wait for more messages (an earlier plan
+/// reaches past them), the next flush comes no sooner than this.
+const WAIT_FOR_MESSAGES: Duration = Duration::from_millis(100);
 
 pub struct Pipeline {
     config: Config,
     consumer: Arc<Consumer>,
     dlq: FutureProducer,
     writer: Writer,
-    batch: Batch,
-    recent: HashMap<i32, RecentIds>,
-    checking: HashSet<i32>,
-    ids_to_load: HashSet<i32>,
-    failed_query: Option<String>,
+    /// This process in the plans table.
+    member: String,
+    partitions: BTreeMap<i32, PartitionState>,
     retry_at: Option<Instant>,
     backoff: Duration,
     paused: bool,
@@ -69,8 +91,17 @@ pub struct Pipeline {
 enum FlushError {
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] clickhouse::error::Error),
-    #[error("the failed insert {0} is still running on the server")]
-    StillRunning(String),
+    #[error("the flush did not finish within {0:?}; the plans in hand will be sent again")]
+    Deadline(Duration),
+}
+
+/// Ends the loop: the process must stop (see invariant 6).
+#[derive(Debug, thiserror::Error)]
+#[error("partition {partition} offset {offset}: {cause}")]
+pub struct Fatal {
+    partition: i32,
+    offset: i64,
+    cause: DeadLetterError,
 }
 
 impl Pipeline {
@@ -85,11 +116,8 @@ impl Pipeline {
             consumer,
             dlq,
             writer,
-            batch: Batch::default(),
-            recent: HashMap::new(),
-            checking: HashSet::new(),
-            ids_to_load: HashSet::new(),
-            failed_query: None,
+            member: format!("consumer-{:016x}", rand::random::<u64>()),
+            partitions: BTreeMap::new(),
             retry_at: None,
             backoff: MIN_BACKOFF,
             paused: false,
@@ -116,7 +144,13 @@ impl Pipeline {
                 msg = consumer.recv() => {
                     self.apply_rebalances();
                     match msg {
-                        Ok(msg) => self.handle(&msg).await,
+                        Ok(msg) => {
+                            if let Err(fatal) = self.handle(&msg).await {
+                                tracing::error!(error = %fatal, "stopping: a dead letter could not be published; nothing from this offset on is committed");
+                                self.consumer.unsubscribe();
+                                return Err(fatal.into());
+                            }
+                        }
                         Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
                     }
                     self.apply_backpressure();
@@ -132,25 +166,28 @@ impl Pipeline {
         Ok(())
     }
 
-    /// SIGTERM: insert the batch in hand (retrying within the grace period), commit
-    /// synchronously, leave the group.
+    /// SIGTERM: insert what is in hand (retrying within the grace period), commit
+    /// synchronously, leave the group. Giving up is safe: the plans recorded so far are
+    /// followed by the next owner (invariant 3).
     async fn drain(&mut self) {
         tracing::info!(
-            rows = self.batch.len(),
-            "shutting down: flushing the batch in hand"
+            rows = self.buffered_rows(),
+            "shutting down: flushing the rows in hand"
         );
         let deadline = Instant::now() + Duration::from_secs(self.config.shutdown_grace_secs);
-        while !self.batch.is_empty() {
-            if self.flush(CommitMode::Sync).await {
+        while self.partitions.values().any(|p| !p.is_empty()) {
+            if self.flush(CommitMode::Sync).await
+                && self.partitions.values().all(PartitionState::is_empty)
+            {
                 break;
             }
-            let wait = self
-                .retry_at
-                .map_or(MIN_BACKOFF, |t| t.saturating_duration_since(Instant::now()));
+            let wait = self.retry_at.map_or(WAIT_FOR_MESSAGES, |t| {
+                t.saturating_duration_since(Instant::now())
+            });
             if Instant::now() + wait >= deadline {
                 tracing::error!(
-                    rows = self.batch.len(),
-                    "could not insert the last batch; not committed, it will be read again"
+                    rows = self.buffered_rows(),
+                    "could not insert the last rows; not committed, they will be read again"
                 );
                 break;
             }
@@ -162,42 +199,59 @@ impl Pipeline {
         tracing::info!("consumer stopped");
     }
 
+    fn buffered_rows(&self) -> usize {
+        self.partitions.values().map(PartitionState::rows).sum()
+    }
+
+    fn oldest(&self) -> Option<Instant> {
+        self.partitions
+            .values()
+            .filter_map(PartitionState::oldest)
+            .min()
+    }
+
     fn flush_due(&self) -> bool {
-        if self.batch.is_empty() || self.retry_at.is_some_and(|t| Instant::now() < t) {
+        if self.retry_at.is_some_and(|t| Instant::now() < t) {
             return false;
         }
-        self.batch.len() >= self.config.batch_max_rows
+        if self.partitions.values().all(PartitionState::is_empty) {
+            return false;
+        }
+        self.retry_at.is_some()
+            || self.buffered_rows() >= self.config.batch_max_rows
             || self
-                .batch
                 .oldest()
                 .is_some_and(|t| t.elapsed() >= self.config.batch_max_age())
-            || self.retry_at.is_some()
     }
 
     fn next_wake(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
         let age = self
-            .batch
             .oldest()
             .map_or(far, |t| t + self.config.batch_max_age());
         // While a retry is scheduled, nothing flushes before it.
         self.retry_at.unwrap_or(age)
     }
 
-    async fn handle(&mut self, msg: &BorrowedMessage<'_>) {
+    fn partition_state(&mut self, partition: i32) -> &mut PartitionState {
+        let window_ms = self.config.dedup_window_secs * 1000;
+        let max = self.config.dedup_max_ids;
+        self.partitions
+            .entry(partition)
+            .or_insert_with(|| PartitionState::new(partition, RecentIds::new(window_ms, max)))
+    }
+
+    async fn handle(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), Fatal> {
         metrics::counter!(m::CONSUMED_TOTAL).increment(1);
         let (partition, offset) = (msg.partition(), msg.offset());
         let payload = msg.payload().unwrap_or_default();
-        let row = if payload.is_empty() {
-            Err("empty payload".to_owned())
-        } else {
-            ClickEvent::decode(payload)
-                .map_err(|e| e.to_string())
-                .and_then(|event| ClickRow::new(event, &self.config.kafka_topic, partition, offset))
-        };
-        match row {
-            Ok(row) => self.batch.push(row, partition, offset),
-            Err(reason) => {
+        let hash = message_hash(msg.key(), payload);
+        match row::from_message(payload, &self.config.kafka_topic, partition, offset) {
+            Ok(row) => self
+                .partition_state(partition)
+                .push(offset, hash, Some(row)),
+            Err(rejection) => {
+                let reason = rejection.to_string();
                 tracing::warn!(partition, offset, %reason, "dead-lettering message");
                 let letter = DeadLetter {
                     key: msg.key(),
@@ -206,33 +260,34 @@ impl Pipeline {
                     offset,
                     reason: &reason,
                 };
-                kafka::send_dead_letter(&self.dlq, &self.config, &letter).await;
-                metrics::counter!(m::DLQ_TOTAL, "reason" => short_reason(&reason)).increment(1);
-                self.batch.cover(partition, offset);
+                let limit = Duration::from_millis(self.config.flush_deadline_ms);
+                kafka::send_dead_letter(&self.dlq, &self.config, &letter, limit)
+                    .await
+                    .map_err(|cause| Fatal {
+                        partition,
+                        offset,
+                        cause,
+                    })?;
+                metrics::counter!(m::DLQ_TOTAL, "reason" => rejection.label()).increment(1);
+                self.partition_state(partition).push(offset, hash, None);
             }
         }
+        Ok(())
     }
 
     fn apply_rebalances(&mut self) {
         for event in self.consumer.context().take_events() {
             match event {
                 Rebalanced::Revoked(parts) => {
-                    let parts: HashSet<i32> = parts.into_iter().collect();
-                    self.batch.drop_partitions(&parts);
-                    for p in &parts {
-                        self.recent.remove(p);
-                        self.checking.remove(p);
-                        self.ids_to_load.remove(p);
+                    for p in parts {
+                        self.partitions.remove(&p);
                     }
                 }
                 Rebalanced::Assigned(parts) => {
                     self.idle_since = parts.is_empty().then(Instant::now);
-                    let window_ms = self.config.dedup_window_secs * 1000;
                     for p in parts {
-                        self.checking.insert(p);
-                        self.ids_to_load.insert(p);
-                        self.recent
-                            .insert(p, RecentIds::new(window_ms, self.config.dedup_max_ids));
+                        self.partitions.remove(&p);
+                        self.partition_state(p);
                     }
                     if self.paused {
                         self.set_paused(true, true);
@@ -256,9 +311,10 @@ impl Pipeline {
     }
 
     fn apply_backpressure(&mut self) {
-        if !self.paused && self.batch.len() >= self.config.max_buffered_rows {
+        let rows = self.buffered_rows();
+        if !self.paused && rows >= self.config.max_buffered_rows {
             tracing::warn!(
-                rows = self.batch.len(),
+                rows,
                 "buffer full: pausing fetch until ClickHouse takes rows"
             );
             self.set_paused(true, false);
@@ -287,12 +343,17 @@ impl Pipeline {
 
     /// One flush attempt. On failure, schedules the retry and returns false.
     async fn flush(&mut self, commit: CommitMode) -> bool {
-        match self.try_flush(commit).await {
-            Ok(()) => {
+        let deadline = Duration::from_millis(self.config.flush_deadline_ms);
+        let result = match tokio::time::timeout(deadline, self.write_plans(commit)).await {
+            Ok(result) => result,
+            Err(_) => Err(FlushError::Deadline(deadline)),
+        };
+        match result {
+            Ok(waiting) => {
                 self.backoff = MIN_BACKOFF;
-                self.retry_at = None;
+                self.retry_at = waiting.then(|| Instant::now() + WAIT_FOR_MESSAGES);
                 metrics::gauge!(m::CLICKHOUSE_UP).set(1.0);
-                if self.paused {
+                if self.paused && self.buffered_rows() < self.config.max_buffered_rows {
                     self.set_paused(false, false);
                 }
                 true
@@ -300,8 +361,7 @@ impl Pipeline {
             Err(e) => {
                 metrics::counter!(m::INSERT_ERRORS_TOTAL).increment(1);
                 metrics::gauge!(m::CLICKHOUSE_UP).set(0.0);
-                tracing::warn!(error = %e, rows = self.batch.len(), retry_in = ?self.backoff, "insert failed; keeping the batch");
-                self.checking.extend(self.batch.ranges().keys().copied());
+                tracing::warn!(error = %e, rows = self.buffered_rows(), retry_in = ?self.backoff, "flush failed; keeping the plans in hand");
                 self.retry_at = Some(Instant::now() + self.backoff);
                 let max = Duration::from_millis(self.config.retry_max_backoff_ms);
                 self.backoff = (self.backoff * 2).min(max);
@@ -310,113 +370,192 @@ impl Pipeline {
         }
     }
 
-    async fn try_flush(&mut self, commit: CommitMode) -> Result<(), FlushError> {
-        if let Some(query_id) = self.failed_query.take() {
-            if !self
+    /// The steps of a flush. Returns whether a partition waits for more messages.
+    async fn write_plans(&mut self, commit: CommitMode) -> Result<bool, FlushError> {
+        self.drop_partitions_not_ours();
+        self.load_recent_ids().await?;
+        let waiting = self.agree_on_plans().await?;
+        self.drop_partitions_not_ours();
+        let result = self.insert_agreed_plans().await;
+        self.commit(&result.completed, commit);
+        result.error.map_or(Ok(waiting), Err)
+    }
+
+    /// Invariant 4: only partitions still assigned to us are written.
+    fn drop_partitions_not_ours(&mut self) {
+        let ours: HashSet<i32> = if self.consumer.assignment_lost() {
+            HashSet::new()
+        } else {
+            match self.consumer.assignment() {
+                Ok(tpl) => tpl
+                    .elements_for_topic(&self.config.kafka_topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect(),
+                // Unknown: keep what we have; the next flush checks again.
+                Err(_) => return,
+            }
+        };
+        let before = self.partitions.len();
+        self.partitions.retain(|p, _| ours.contains(p));
+        if self.partitions.len() < before {
+            tracing::info!(
+                dropped = before - self.partitions.len(),
+                "partitions no longer ours dropped before writing"
+            );
+        }
+    }
+
+    /// Invariant 5: once per assignment, the click ids written within the window before
+    /// the first click in hand (ingest time).
+    async fn load_recent_ids(&mut self) -> Result<(), FlushError> {
+        let window_ms = self.config.dedup_window_secs * 1000;
+        let topic = &self.config.kafka_topic;
+        for state in self.partitions.values_mut() {
+            if state.ids_loaded {
+                continue;
+            }
+            let Some(first) = state.first_received_ms() else {
+                continue;
+            };
+            let since = u32::try_from(first.saturating_sub(window_ms) / 1000).unwrap_or(u32::MAX);
+            for (id, at) in self
                 .writer
-                .wait_until_finished(&query_id, Duration::from_secs(30))
+                .recent_click_ids(topic, state.partition, since)
                 .await?
             {
-                self.failed_query = Some(query_id.clone());
-                return Err(FlushError::StillRunning(query_id));
+                state.recent.insert(&id, at);
             }
+            state.ids_loaded = true;
         }
-        let topic = self.config.kafka_topic.clone();
-
-        // Invariant 2: drop rows a previous attempt or owner already stored.
-        let to_check: Vec<(i32, i64)> = self
-            .batch
-            .ranges()
-            .iter()
-            .filter(|(p, _)| self.checking.contains(p))
-            .map(|(p, (lo, _))| (*p, *lo))
-            .collect();
-        let mut settled = Vec::new();
-        if !to_check.is_empty() {
-            let stored = self.writer.stored_offsets(&topic, &to_check).await?;
-            let dropped = self.batch.drop_stored(&stored);
-            if dropped > 0 {
-                tracing::info!(dropped, "rows already in ClickHouse skipped");
-                metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "already_stored")
-                    .increment(dropped as u64);
-            }
-            for (p, _) in &to_check {
-                let hi = self.batch.ranges().get(p).map_or(i64::MAX, |r| r.1);
-                if stored
-                    .get(p)
-                    .is_none_or(|offsets| offsets.iter().all(|o| *o <= hi))
-                {
-                    settled.push(*p);
-                }
-            }
-        }
-
-        // Invariant 4: load the click ids this partition saw recently, once per assignment.
-        let load: Vec<i32> = self
-            .batch
-            .ranges()
-            .keys()
-            .filter(|p| self.ids_to_load.contains(p))
-            .copied()
-            .collect();
-        let window_ms = self.config.dedup_window_secs * 1000;
-        let since =
-            u32::try_from(shared::now_ms().saturating_sub(window_ms) / 1000).unwrap_or(u32::MAX);
-        for p in load {
-            let ids = self.writer.recent_click_ids(&topic, p, since).await?;
-            let recent = self
-                .recent
-                .entry(p)
-                .or_insert_with(|| RecentIds::new(window_ms, self.config.dedup_max_ids));
-            for (id, at) in ids {
-                recent.insert(&id, at);
-            }
-            self.ids_to_load.remove(&p);
-        }
-        let repeated = self.batch.drop_repeated_ids(&self.recent);
-        if repeated > 0 {
-            metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "same_click_id")
-                .increment(repeated as u64);
-        }
-
-        let rows = self.batch.rows();
-        if !rows.is_empty() {
-            let query_id = format!("referral-consumer-{:032x}", rand::random::<u128>());
-            let started = Instant::now();
-            if let Err(e) = self.writer.insert(rows, &query_id).await {
-                self.failed_query = Some(query_id);
-                return Err(e.into());
-            }
-            metrics::histogram!(m::INSERT_DURATION).record(started.elapsed().as_secs_f64());
-            metrics::histogram!(m::BATCH_ROWS).record(rows.len() as f64);
-            metrics::counter!(m::INSERTED_ROWS_TOTAL).increment(rows.len() as u64);
-        }
-
-        // Stored: remember the ids, settle checks, commit.
-        let now = shared::now_ms();
-        for row in self.batch.rows() {
-            if let Some(recent) = self.recent.get_mut(&i32::from(row.kafka_partition)) {
-                recent.insert(&row.click_id, row.received_at_ms);
-            }
-        }
-        for recent in self.recent.values_mut() {
-            recent.expire(now);
-        }
-        for p in settled {
-            self.checking.remove(&p);
-        }
-        self.commit(commit);
-        self.batch.clear();
         Ok(())
     }
 
-    /// Commits `hi + 1` for each partition of the batch. A failed commit is harmless: the
-    /// rows are stored, and invariant 2 skips them when they are read again.
-    fn commit(&self, mode: CommitMode) {
+    /// Invariant 3: record our proposals, read back what is recorded at their start
+    /// offsets, follow the first plan there. Returns whether a partition must wait.
+    async fn agree_on_plans(&mut self) -> Result<bool, FlushError> {
+        let proposals: Vec<PlanRange> = self
+            .partitions
+            .values_mut()
+            .filter_map(PartitionState::propose)
+            .collect();
+        if proposals.is_empty() {
+            return Ok(false);
+        }
+        let topic = &self.config.kafka_topic;
+        self.writer
+            .record_plans(topic, &proposals, &self.member)
+            .await?;
+        let starts: Vec<(i32, i64)> = proposals.iter().map(|p| (p.partition, p.lo)).collect();
+        let recorded = self.writer.recorded_plans(topic, &starts).await?;
+        let now = shared::now_ms();
+        let mut waiting = false;
+        for proposal in &proposals {
+            let Some(state) = self.partitions.get_mut(&proposal.partition) else {
+                continue;
+            };
+            let plans = recorded
+                .get(&proposal.partition)
+                .map_or(&[][..], Vec::as_slice);
+            if state.agree(plans, &self.member, now) == Agreement::Wait {
+                waiting = true;
+                metrics::counter!(m::PLAN_WAITS_TOTAL).increment(1);
+            }
+        }
+        Ok(waiting)
+    }
+
+    /// Invariant 2: each agreed plan in one INSERT under its token, several partitions at
+    /// once. Plans that went in are completed even when another one failed.
+    async fn insert_agreed_plans(&mut self) -> InsertOutcome {
+        let topic = self.config.kafka_topic.clone();
+        let trust_ms = self.config.dedup_trust_secs * 1000;
+        let mut jobs = Vec::new();
+        let mut error = None;
+        for state in self.partitions.values() {
+            let Some((range, rows, replayed_age_ms)) = state.agreed() else {
+                continue;
+            };
+            let mut stored = HashSet::new();
+            if let Some(age) = replayed_age_ms {
+                metrics::counter!(m::PLANS_REPLAYED_TOTAL).increment(1);
+                if age > trust_ms {
+                    let received = rows.fold((u32::MAX, 0), |(lo, hi), r| {
+                        (lo.min(r.received_at), hi.max(r.received_at))
+                    });
+                    match self.writer.stored_in_plan(&topic, range, received).await {
+                        Ok(found) => stored.extend(found),
+                        Err(e) => {
+                            error = Some(e.into());
+                            continue;
+                        }
+                    }
+                }
+            }
+            let flags = state.rows_to_send(&stored);
+            let skipped_stored = stored.len();
+            let skipped_repeat =
+                flags.iter().filter(|send| !**send).count() - skipped_stored.min(flags.len());
+            if skipped_stored > 0 {
+                metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "already_stored")
+                    .increment(skipped_stored as u64);
+            }
+            if skipped_repeat > 0 {
+                metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "same_click_id")
+                    .increment(skipped_repeat as u64);
+            }
+            jobs.push((state.partition, range.token(&topic), flags));
+        }
+
+        let writer = &self.writer;
+        let partitions = &self.partitions;
+        let results: Vec<(i32, clickhouse::error::Result<usize>, Duration)> =
+            futures::stream::iter(jobs.iter().map(|(partition, token, flags)| async move {
+                let started = Instant::now();
+                let result = match partitions.get(partition).and_then(PartitionState::agreed) {
+                    Some((_, rows, _)) => {
+                        let rows = rows
+                            .zip(flags.iter())
+                            .filter(|(_, send)| **send)
+                            .map(|(r, _)| r);
+                        writer.insert_plan(rows, token).await
+                    }
+                    None => Ok(0),
+                };
+                (*partition, result, started.elapsed())
+            }))
+            .buffer_unordered(self.config.insert_concurrency)
+            .collect()
+            .await;
+
+        let mut completed = Vec::new();
+        for (partition, result, took) in results {
+            match result {
+                Ok(rows) => {
+                    metrics::histogram!(m::INSERT_DURATION).record(took.as_secs_f64());
+                    metrics::histogram!(m::BATCH_ROWS).record(rows as f64);
+                    metrics::counter!(m::INSERTED_ROWS_TOTAL).increment(rows as u64);
+                    if let Some(next) = self
+                        .partitions
+                        .get_mut(&partition)
+                        .and_then(PartitionState::complete)
+                    {
+                        completed.push((partition, next));
+                    }
+                }
+                Err(e) => error = Some(e.into()),
+            }
+        }
+        InsertOutcome { completed, error }
+    }
+
+    /// Commits `hi + 1` of every stored plan. A failed commit is harmless: the next reader
+    /// of these offsets follows the recorded plans and their inserts are no-ops.
+    fn commit(&self, completed: &[(i32, i64)], mode: CommitMode) {
         let mut tpl = TopicPartitionList::new();
-        for (p, (_, hi)) in self.batch.ranges() {
+        for (p, next) in completed {
             if let Err(e) =
-                tpl.add_partition_offset(&self.config.kafka_topic, *p, Offset::Offset(hi + 1))
+                tpl.add_partition_offset(&self.config.kafka_topic, *p, Offset::Offset(*next))
             {
                 tracing::warn!(error = %e, partition = p, "bad offset for commit");
             }
@@ -430,26 +569,13 @@ impl Pipeline {
     }
 
     fn update_gauges(&self) {
-        let age = self
-            .batch
-            .oldest()
-            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let age = self.oldest().map_or(0.0, |t| t.elapsed().as_secs_f64());
         metrics::gauge!(m::OLDEST_UNFLUSHED_AGE).set(age);
-        metrics::gauge!(m::BUFFERED_ROWS).set(self.batch.len() as f64);
+        metrics::gauge!(m::BUFFERED_ROWS).set(self.buffered_rows() as f64);
     }
 }
 
-/// A low-cardinality label from a decode error text.
-fn short_reason(reason: &str) -> &'static str {
-    if reason.starts_with("not a click event") {
-        "malformed"
-    } else if reason.starts_with("unsupported event version") {
-        "version"
-    } else if reason.starts_with("invalid") {
-        "invalid"
-    } else if reason.starts_with("empty") {
-        "empty"
-    } else {
-        "other"
-    }
+struct InsertOutcome {
+    completed: Vec<(i32, i64)>,
+    error: Option<FlushError>,
 }

@@ -3,7 +3,30 @@
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 
-use shared::event::{decode_digest, ClickEvent};
+use shared::event::{decode_digest, ClickEvent, DecodeError};
+
+/// Why a message cannot become a row (it goes to the dead-letter topic with this reason).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Rejection {
+    #[error("empty payload")]
+    Empty,
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("invalid {0}")]
+    OutOfRange(&'static str),
+}
+
+impl Rejection {
+    /// A low-cardinality label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::Decode(DecodeError::Malformed(_)) => "malformed",
+            Self::Decode(DecodeError::Version(_)) => "version",
+            Self::Decode(DecodeError::Invalid { .. }) | Self::OutOfRange(_) => "invalid",
+        }
+    }
+}
 
 /// Field order and types match `deploy/clickhouse/0001_referral_clicks.sql` (plain
 /// RowBinary carries no names, so order matters). `inserted_at` is left to its default.
@@ -34,10 +57,10 @@ impl ClickRow {
         topic: &str,
         partition: i32,
         offset: i64,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Rejection> {
         Ok(Self {
-            ip_hash: decode_digest(&event.ip_hash)?,
-            ua_hash: decode_digest(&event.ua_hash)?,
+            ip_hash: decode_digest(&event.ip_hash).map_err(|_| Rejection::OutOfRange("ip_hash"))?,
+            ua_hash: decode_digest(&event.ua_hash).map_err(|_| Rejection::OutOfRange("ua_hash"))?,
             click_id: event.click_id,
             code: event.code,
             landing_path: event.landing_path,
@@ -47,11 +70,26 @@ impl ClickRow {
             key_id: event.key_id,
             is_bot: u8::from(event.is_bot),
             received_at: u32::try_from(event.received_at_ms / 1000)
-                .map_err(|_| "received_at out of range")?,
+                .map_err(|_| Rejection::OutOfRange("received_at"))?,
             received_at_ms: event.received_at_ms,
             kafka_topic: topic.to_owned(),
-            kafka_partition: u16::try_from(partition).map_err(|_| "partition out of range")?,
-            kafka_offset: u64::try_from(offset).map_err(|_| "negative offset")?,
+            kafka_partition: u16::try_from(partition)
+                .map_err(|_| Rejection::OutOfRange("partition"))?,
+            kafka_offset: u64::try_from(offset).map_err(|_| Rejection::OutOfRange("offset"))?,
         })
     }
+}
+
+/// Decodes a message into a row, or says why it cannot be one.
+pub fn from_message(
+    payload: &[u8],
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<ClickRow, Rejection> {
+    if payload.is_empty() {
+        return Err(Rejection::Empty);
+    }
+    let event = ClickEvent::decode(payload)?;
+    ClickRow::new(event, topic, partition, offset)
 }

@@ -1,20 +1,51 @@
-//! Talking to ClickHouse: inserts under a known `query_id`, and the two questions the
-//! exactly-once check asks (which offsets of a partition are stored, which click ids of a
-//! partition were seen recently).
+//! Talking to ClickHouse: plan records, plan inserts under their deduplication token, and
+//! the two bounded questions a new owner asks (which rows of an old plan are stored, which
+//! click ids a partition saw recently). Every query carries the settings it relies on.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use clickhouse::Client;
+use clickhouse::{Client, Row};
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::plan::{PlanRange, RecordedPlan};
 use crate::row::ClickRow;
 
 #[derive(Clone)]
 pub struct Writer {
     client: Client,
     table: String,
+    plans_table: String,
     insert_timeout: Duration,
+    query_timeout: Duration,
+}
+
+/// A row of `{clicks_table}_plans` as written (`planned_at` is the server's default).
+#[derive(Debug, Row, Serialize)]
+struct PlanRow<'a> {
+    topic: &'a str,
+    partition: u16,
+    lo: u64,
+    hi: u64,
+    digest: &'a str,
+    head: &'a str,
+    member: &'a str,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct RecordedRow {
+    partition: u16,
+    lo: u64,
+    hi: u64,
+    digest: String,
+    head: String,
+    member: String,
+    planned_at_ms: u64,
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
 }
 
 impl Writer {
@@ -22,79 +53,154 @@ impl Writer {
         Self {
             client: base_client(config).with_database(&config.clickhouse_database),
             table: config.clickhouse_table.clone(),
+            plans_table: format!("{}_plans", config.clickhouse_table),
             insert_timeout: Duration::from_millis(config.insert_timeout_ms),
+            query_timeout: Duration::from_millis(config.insert_timeout_ms),
         }
     }
 
-    /// One INSERT of all `rows`, tagged with `query_id` so that after a failure we can wait
-    /// until the server is really done with it.
-    pub async fn insert(&self, rows: &[ClickRow], query_id: &str) -> clickhouse::error::Result<()> {
+    /// Records our proposals (one insert for all partitions). Plans are never
+    /// deduplicated: two identical proposals are harmless, a lost one is not.
+    pub async fn record_plans(
+        &self,
+        topic: &str,
+        plans: &[PlanRange],
+        member: &str,
+    ) -> clickhouse::error::Result<()> {
         let mut insert = self
             .client
-            .insert::<ClickRow>(&self.table)
+            .insert::<PlanRow<'_>>(&self.plans_table)
             .await?
-            .with_setting("query_id", query_id)
-            // The exactly-once design needs the insert to be synchronous: done when the
-            // server answers. A current server may default `async_insert` to 1 (26.9 does),
-            // where the answer can come before the rows are in a part.
             .with_setting("async_insert", "0")
-            .with_timeouts(Some(self.insert_timeout), Some(self.insert_timeout));
-        for row in rows {
-            insert.write(row).await?;
+            .with_setting("insert_deduplicate", "0")
+            .with_timeouts(Some(self.query_timeout), Some(self.query_timeout));
+        for p in plans {
+            insert
+                .write(&PlanRow {
+                    topic,
+                    partition: u16::try_from(p.partition).unwrap_or(u16::MAX),
+                    lo: to_u64(p.lo),
+                    hi: to_u64(p.hi),
+                    digest: &p.digest,
+                    head: &p.head,
+                    member,
+                })
+                .await?;
         }
         insert.end().await
     }
 
-    /// Waits (up to `limit`) until `query_id` no longer runs on the server.
-    pub async fn wait_until_finished(
-        &self,
-        query_id: &str,
-        limit: Duration,
-    ) -> clickhouse::error::Result<bool> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let running: u64 = self
-                .client
-                .query("SELECT count() FROM system.processes WHERE query_id = ?")
-                .bind(query_id)
-                .fetch_one()
-                .await?;
-            if running == 0 {
-                return Ok(true);
-            }
-            if Instant::now() >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Stored offsets `>= from` for each given partition of `topic`.
-    pub async fn stored_offsets(
+    /// Every recorded plan starting at one of `starts` (partition, lo), per partition in
+    /// commit order (`_block_number`): the first one at a start offset is the one to follow.
+    /// Reads only the given keys of the plans table's sort key.
+    pub async fn recorded_plans(
         &self,
         topic: &str,
-        from: &[(i32, i64)],
-    ) -> clickhouse::error::Result<HashMap<i32, Vec<i64>>> {
-        let mut out: HashMap<i32, Vec<i64>> = HashMap::new();
-        if from.is_empty() {
+        starts: &[(i32, i64)],
+    ) -> clickhouse::error::Result<HashMap<i32, Vec<RecordedPlan>>> {
+        let mut out: HashMap<i32, Vec<RecordedPlan>> = HashMap::new();
+        if starts.is_empty() {
             return Ok(out);
         }
-        let conditions: Vec<String> = from
+        let keys: Vec<String> = starts
             .iter()
-            .map(|(p, lo)| format!("(kafka_partition = {p} AND kafka_offset >= {lo})"))
+            .map(|(p, lo)| format!("({p}, {lo})"))
             .collect();
         let sql = format!(
-            "SELECT kafka_partition, kafka_offset FROM {} WHERE kafka_topic = ? AND ({})",
-            self.table,
-            conditions.join(" OR ")
+            "SELECT partition, lo, hi, digest, head, member, \
+             toUInt64(toUnixTimestamp64Milli(planned_at)) AS planned_at_ms \
+             FROM {} WHERE topic = ? AND (partition, lo) IN ({}) \
+             ORDER BY partition, lo, _block_number",
+            self.plans_table,
+            keys.join(", ")
         );
-        let rows: Vec<(u16, u64)> = self.client.query(&sql).bind(topic).fetch_all().await?;
-        for (p, o) in rows {
-            out.entry(i32::from(p))
+        let rows: Vec<RecordedRow> = self
+            .client
+            .query(&sql)
+            .bind(topic)
+            .with_setting(
+                "max_execution_time",
+                self.query_timeout.as_secs().max(1).to_string(),
+            )
+            .with_setting("select_sequential_consistency", "1")
+            .fetch_all()
+            .await?;
+        for r in rows {
+            out.entry(i32::from(r.partition))
                 .or_default()
-                .push(i64::try_from(o).unwrap_or(i64::MAX));
+                .push(RecordedPlan {
+                    range: PlanRange {
+                        partition: i32::from(r.partition),
+                        lo: i64::try_from(r.lo).unwrap_or(i64::MAX),
+                        hi: i64::try_from(r.hi).unwrap_or(i64::MAX),
+                        digest: r.digest,
+                        head: r.head,
+                    },
+                    member: r.member,
+                    planned_at_ms: r.planned_at_ms,
+                });
         }
         Ok(out)
+    }
+
+    /// One INSERT of one plan's rows under the plan's deduplication token: inserting the
+    /// same plan again (a retry, a replay by another member, an insert that outlived its
+    /// sender) is a no-op in the table and in every view's target table.
+    pub async fn insert_plan<'a>(
+        &self,
+        rows: impl Iterator<Item = &'a ClickRow>,
+        token: &str,
+    ) -> clickhouse::error::Result<usize> {
+        let mut insert = self
+            .client
+            .insert::<ClickRow>(&self.table)
+            .await?
+            // Done when the server answers (a current server may default this to 1).
+            .with_setting("async_insert", "0")
+            .with_setting("insert_deduplicate", "1")
+            .with_setting("insert_deduplication_token", token)
+            .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1")
+            // One block per plan: the token names the whole plan.
+            .with_setting("max_insert_block_size", "10000000")
+            .with_timeouts(Some(self.insert_timeout), Some(self.insert_timeout));
+        let mut n = 0;
+        for row in rows {
+            insert.write(row).await?;
+            n += 1;
+        }
+        insert.end().await?;
+        Ok(n)
+    }
+
+    /// `(offset, click_id)` of the rows of one partition stored at offsets `lo..=hi`,
+    /// looked up within the months of `received` (min, max ingest time in seconds) so that
+    /// only those partitions of the table are read.
+    pub async fn stored_in_plan(
+        &self,
+        topic: &str,
+        range: &PlanRange,
+        received: (u32, u32),
+    ) -> clickhouse::error::Result<Vec<(u64, String)>> {
+        let sql = format!(
+            "SELECT kafka_offset, click_id FROM {} \
+             WHERE received_at >= toDateTime(?) AND received_at <= toDateTime(?) \
+             AND kafka_topic = ? AND kafka_partition = ? AND kafka_offset >= ? AND kafka_offset <= ?",
+            self.table
+        );
+        self.client
+            .query(&sql)
+            .bind(received.0)
+            .bind(received.1)
+            .bind(topic)
+            .bind(range.partition)
+            .bind(to_u64(range.lo))
+            .bind(to_u64(range.hi))
+            .with_setting(
+                "max_execution_time",
+                self.query_timeout.as_secs().max(1).to_string(),
+            )
+            .fetch_all()
+            .await
     }
 
     /// Click ids of one partition received at or after `since_secs`, with their times.
@@ -105,14 +211,19 @@ impl Writer {
         since_secs: u32,
     ) -> clickhouse::error::Result<Vec<(String, u64)>> {
         let sql = format!(
-            "SELECT click_id, received_at_ms FROM {} WHERE kafka_topic = ? AND kafka_partition = ? AND received_at >= toDateTime(?)",
+            "SELECT click_id, received_at_ms FROM {} WHERE received_at >= toDateTime(?) \
+             AND kafka_topic = ? AND kafka_partition = ?",
             self.table
         );
         self.client
             .query(&sql)
+            .bind(since_secs)
             .bind(topic)
             .bind(partition)
-            .bind(since_secs)
+            .with_setting(
+                "max_execution_time",
+                self.query_timeout.as_secs().max(1).to_string(),
+            )
             .fetch_all()
             .await
     }

@@ -24,6 +24,10 @@ pub const PARTITION_LAG: &str = "consumer_partition_lag_messages"; // labels: pa
 pub const OLDEST_UNFLUSHED_AGE: &str = "consumer_oldest_unflushed_age_seconds";
 pub const BUFFERED_ROWS: &str = "consumer_buffered_rows";
 pub const CLICKHOUSE_UP: &str = "consumer_clickhouse_up";
+/// Plans recorded by another member that this one inserted again (a no-op at the server).
+pub const PLANS_REPLAYED_TOTAL: &str = "consumer_plans_replayed_total";
+/// Flushes in which a partition waited because an earlier plan reaches past its messages.
+pub const PLAN_WAITS_TOTAL: &str = "consumer_plan_waits_total";
 
 /// Describes the ingest metrics and creates every counter at zero (with its known label
 /// values), so dashboards and alerts see a 0 instead of "no data" on a healthy pipeline.
@@ -113,13 +117,23 @@ pub fn register_consumer() {
         CLICKHOUSE_UP,
         "1 when ClickHouse answered the last check or insert"
     );
+    describe_counter!(
+        PLANS_REPLAYED_TOTAL,
+        "Plans recorded by another member and inserted again (no-ops at the server)"
+    );
+    describe_counter!(
+        PLAN_WAITS_TOTAL,
+        "Flushes in which a partition waited for the messages of an earlier plan"
+    );
     counter!(CONSUMED_TOTAL).increment(0);
     counter!(INSERTED_ROWS_TOTAL).increment(0);
     counter!(INSERT_ERRORS_TOTAL).increment(0);
+    counter!(PLANS_REPLAYED_TOTAL).increment(0);
+    counter!(PLAN_WAITS_TOTAL).increment(0);
     for cause in ["already_stored", "same_click_id"] {
         counter!(DUPLICATES_SKIPPED_TOTAL, "cause" => cause).increment(0);
     }
-    for reason in ["malformed", "version", "invalid", "empty", "other"] {
+    for reason in ["malformed", "version", "invalid", "empty"] {
         counter!(DLQ_TOTAL, "reason" => reason).increment(0);
     }
 }

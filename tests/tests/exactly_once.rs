@@ -142,16 +142,18 @@ async fn sigkill_mid_batch_repeatedly_loses_and_duplicates_nothing() {
 }
 
 /// A crash after the insert and before the commit, made deterministic: rows for offsets
-/// that were never committed are already in ClickHouse when the consumer starts.
+/// that were never committed are already in ClickHouse when the consumer starts. The
+/// second member replays the first one's plans; with `CONSUMER_DEDUP_TRUST_SECS=0` it
+/// first asks which rows are stored, and that question must stay bounded (sequence 8):
+/// 200,000 unrelated rows of other days must not be read.
 #[tokio::test(flavor = "multi_thread")]
 async fn rows_stored_but_not_committed_are_not_written_again() {
     let scope = Scope::new("eo_uncommitted", 1).await;
     let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
     feeder.send(200).await;
 
-    // A first consumer that writes everything but never commits: we kill it once the
-    // rows are in, before its commit could matter, and then wipe the group's offsets by
-    // using a new group for the second consumer.
+    // A first consumer that writes everything; we kill it once the rows are in, and then
+    // wipe the group's offsets by using a new group for the second consumer.
     let mut opts = scope.consumer_options();
     opts.extra_env
         .push(("CONSUMER_BATCH_MAX_AGE_MS".into(), "100".into()));
@@ -159,24 +161,56 @@ async fn rows_stored_but_not_committed_are_not_written_again() {
     scope.wait_rows(200, Duration::from_secs(30)).await;
     first.proc.kill();
 
+    let table = &scope.table;
+    scope
+        .ch
+        .query(&format!(
+            "INSERT INTO {table} (click_id, code, ip_hash, ua_hash, received_at, received_at_ms, kafka_topic, kafka_partition, kafka_offset) \
+             SELECT concat('refclk_unrelated', toString(number)), 'UNRELATED000', '', '', now() - INTERVAL 2 DAY, 0, 'unrelated', 0, number FROM numbers(200000)"
+        ))
+        .await;
+
     opts.group = format!("{}_fresh", opts.group);
+    opts.extra_env
+        .push(("CONSUMER_DEDUP_TRUST_SECS".into(), "0".into()));
     let second = ConsumerProc::start(&opts);
     second.ready().await;
     feeder.send(50).await;
-    assert_exactly_reported(
-        &scope,
-        &feeder.sent,
-        "crash after insert, before commit (rows stored, offsets not committed)",
-        "250 events",
-        feeder.sent.len(),
-    )
-    .await;
+    scope.wait_rows(200_250, Duration::from_secs(60)).await;
     let skipped = eventually("skip metric", Duration::from_secs(10), || async {
         let v = second.metric("consumer_duplicates_skipped_total").await;
         (v >= 200.0).then_some(v)
     })
     .await;
     assert_eq!(skipped, 200.0);
+    assert!(second.metric("consumer_plans_replayed_total").await >= 1.0);
+    scope.ch.query("SYSTEM FLUSH LOGS").await;
+    let db = &scope.database;
+    let most_read = scope
+        .ch
+        .scalar(&format!(
+            "SELECT max(read_rows) FROM system.query_log WHERE type = 'QueryFinish' \
+             AND query LIKE '%kafka_offset >=%' AND has(databases, '{db}')"
+        ))
+        .await;
+    assert!(
+        most_read < 10_000,
+        "the stored-rows check read {most_read} rows"
+    );
+    scope
+        .ch
+        .query(&format!(
+            "ALTER TABLE {table} DELETE WHERE kafka_topic = 'unrelated' SETTINGS mutations_sync = 2"
+        ))
+        .await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "crash after insert, before commit (rows stored, offsets not committed; old plans re-checked, bounded)",
+        "250 events + 200,000 unrelated rows",
+        feeder.sent.len(),
+    )
+    .await;
     scope.drop_database().await;
 }
 
@@ -512,5 +546,386 @@ async fn broker_restart_under_load_loses_nothing() {
         accepted.len() + refused,
     )
     .await;
+    scope.drop_database().await;
+}
+
+// --- issue 11: sequences that used to write a click twice or lose it -----------------------
+
+/// Every aggregate counts each stored click once (credits included).
+async fn assert_aggregates(scope: &Scope, n: u64) {
+    let db = &scope.database;
+    for (what, sql) in [
+        (
+            "code_clicks_daily",
+            format!("SELECT sum(clicks) FROM {db}.code_clicks_daily"),
+        ),
+        (
+            "clicks_daily",
+            format!("SELECT countMerge(clicks) FROM {db}.clicks_daily"),
+        ),
+        (
+            "clicks_hourly",
+            format!("SELECT countMerge(clicks) FROM {db}.clicks_hourly"),
+        ),
+        (
+            "utm_daily",
+            format!("SELECT countMerge(clicks) FROM {db}.utm_daily"),
+        ),
+        (
+            "clicks_by_path_daily",
+            format!("SELECT countMerge(clicks) FROM {db}.clicks_by_path_daily"),
+        ),
+        (
+            "totals_daily",
+            format!("SELECT countMerge(clicks) FROM {db}.totals_daily"),
+        ),
+        (
+            "ip_code_hourly",
+            format!("SELECT sum(clicks) FROM {db}.ip_code_hourly"),
+        ),
+        (
+            "credits_daily",
+            format!("SELECT sum(credits) FROM {db}.credits_daily"),
+        ),
+    ] {
+        assert_eq!(scope.ch.scalar(&sql).await, n, "{what}");
+    }
+}
+
+/// The schema of `scope`, applied ahead of the consumer (for tests that add their own views).
+async fn migrate(scope: &Scope) {
+    let cli = <consumer::config::Cli as clap::Parser>::try_parse_from([
+        "consumer",
+        "--clickhouse-url",
+        &clickhouse_url(),
+    ])
+    .expect("cli");
+    consumer::migrations::apply(
+        &consumer::writer::base_client(&cli.config),
+        &scope.database,
+        "referral_clicks",
+    )
+    .await
+    .expect("migrations");
+}
+
+/// A view on the raw table that fails (`fail = 1`) or sleeps ~`sleep_ms` per insert
+/// while its control row says so, counting into `{db}.probe_counts` (deduplicated like
+/// the real aggregates).
+async fn add_probe_view(scope: &Scope) {
+    let db = &scope.database;
+    for sql in [
+        format!("CREATE TABLE {db}.probe_control (fail UInt8, sleep_ms UInt32) ENGINE = Memory"),
+        format!("INSERT INTO {db}.probe_control VALUES (0, 0)"),
+        format!(
+            "CREATE TABLE {db}.probe_counts (day Date, clicks UInt64) ENGINE = SummingMergeTree \
+             ORDER BY day SETTINGS non_replicated_deduplication_window = 10000"
+        ),
+        // sleepEachRow over a 100-row constant block: sleep_ms in one step, whatever the batch.
+        format!(
+            "CREATE MATERIALIZED VIEW {db}.probe_mv TO {db}.probe_counts AS \
+             SELECT toDate(received_at) AS day, count() AS clicks FROM {db}.referral_clicks \
+             WHERE throwIf((SELECT any(fail) FROM {db}.probe_control) = 1, 'probe view failed on demand') = 0 \
+             AND (SELECT count() FROM numbers(100) WHERE sleepEachRow((SELECT any(sleep_ms) FROM {db}.probe_control) / 100000.0) = 0) >= 0 \
+             GROUP BY day"
+        ),
+    ] {
+        scope.ch.query(&sql).await;
+    }
+}
+
+async fn set_probe(scope: &Scope, fail: u8, sleep_ms: u32) {
+    let db = &scope.database;
+    scope
+        .ch
+        .query(&format!("TRUNCATE TABLE {db}.probe_control"))
+        .await;
+    scope
+        .ch
+        .query(&format!(
+            "INSERT INTO {db}.probe_control VALUES ({fail}, {sleep_ms})"
+        ))
+        .await;
+}
+
+/// Sequence 7: the raw insert succeeds and one view fails; the retry must give that view
+/// its rows without counting them twice anywhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_view_that_fails_gets_its_rows_on_the_retry() {
+    let scope = Scope::new("eo_view_fails", 2).await;
+    migrate(&scope).await;
+    add_probe_view(&scope).await;
+    set_probe(&scope, 1, 0).await;
+    let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
+    feeder.send(400).await;
+    let consumer = ConsumerProc::start(&scope.consumer_options());
+    // The raw rows land, the view refuses, the insert reports an error.
+    scope.wait_rows(400, Duration::from_secs(60)).await;
+    eventually("insert errors", Duration::from_secs(30), || async {
+        (consumer.metric("consumer_insert_errors_total").await >= 2.0).then_some(())
+    })
+    .await;
+    set_probe(&scope, 0, 0).await;
+    let db = &scope.database;
+    eventually(
+        "the failed view catches up",
+        Duration::from_secs(60),
+        || async {
+            (scope
+                .ch
+                .scalar(&format!("SELECT sum(clicks) FROM {db}.probe_counts"))
+                .await
+                >= 400)
+                .then_some(())
+        },
+    )
+    .await;
+    feeder.send(100).await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "a materialized view fails after the raw insert, then recovers",
+        "500 events, 2 partitions",
+        feeder.sent.len(),
+    )
+    .await;
+    assert_aggregates(&scope, 500).await;
+    assert_eq!(
+        scope
+            .ch
+            .scalar(&format!("SELECT sum(clicks) FROM {db}.probe_counts"))
+            .await,
+        500
+    );
+    scope.drop_database().await;
+}
+
+/// Sequence 2: an insert keeps running on the server after its sender gave up and left;
+/// the next owner must not write the same clicks beside it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_insert_that_outlives_its_sender_is_not_written_twice() {
+    let scope = Scope::new("eo_outlives", 2).await;
+    migrate(&scope).await;
+    add_probe_view(&scope).await;
+    let ch_addr: std::net::SocketAddr = clickhouse_url()
+        .trim_start_matches("http://")
+        .parse()
+        .expect("ClickHouse address");
+    let proxy = CutProxy::start(ch_addr).await;
+    let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
+    feeder.send(600).await;
+
+    // The first member reaches ClickHouse through the proxy and gives up quickly.
+    let mut first_opts = scope.consumer_options();
+    first_opts.clickhouse_url = proxy.url();
+    first_opts.extra_env.extend([
+        ("CONSUMER_INSERT_TIMEOUT_MS".to_owned(), "20000".to_owned()),
+        ("CONSUMER_SHUTDOWN_GRACE_SECS".to_owned(), "1".to_owned()),
+        ("CONSUMER_BATCH_MAX_AGE_MS".to_owned(), "200".to_owned()),
+    ]);
+    set_probe(&scope, 0, 8000).await;
+    let mut first = ConsumerProc::start(&first_opts);
+    // Its insert is running on the server (held up by the slow view): cut the connection,
+    // so the member sees a failure while the server carries on.
+    let db = scope.database.clone();
+    eventually("the first insert runs on the server", Duration::from_secs(60), || async {
+        let running = scope
+            .ch
+            .scalar(&format!(
+                "SELECT count() FROM system.processes WHERE current_database = '{db}' AND query_kind = 'Insert' AND query NOT LIKE '%_plans%'"
+            ))
+            .await;
+        (running > 0).then_some(())
+    })
+    .await;
+    proxy.cut();
+    let status = first.proc.terminate(Duration::from_secs(15));
+    assert!(
+        status.is_some(),
+        "the first member stops within its grace period"
+    );
+
+    // The next owner starts at once and writes while the old insert may still run.
+    set_probe(&scope, 0, 0).await;
+    let second = ConsumerProc::start(&scope.consumer_options());
+    second.ready().await;
+    feeder.send(100).await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "an insert outlives its sender (connection cut mid-insert, member leaves, next owner writes at once)",
+        "700 events, 2 partitions",
+        feeder.sent.len(),
+    )
+    .await;
+    assert_aggregates(&scope, 700).await;
+    scope.drop_database().await;
+}
+
+/// Sequence 3: a member stalls (SIGSTOP) past its session, another takes over, then the
+/// stalled one wakes up with rows in hand.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_member_that_wakes_up_writes_nothing_twice() {
+    let scope = Scope::new("eo_stalled", 2).await;
+    let mut opts = scope.consumer_options();
+    opts.extra_env
+        .push(("CONSUMER_BATCH_MAX_AGE_MS".into(), "1500".into()));
+    let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
+    feeder.send(300).await;
+    let first = ConsumerProc::start(&opts);
+    scope.wait_rows(300, Duration::from_secs(60)).await;
+    // Rows in hand, then frozen.
+    feeder.send(200).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.proc.signal("STOP");
+    let second = ConsumerProc::start(&opts);
+    feeder.send(200).await;
+    scope.wait_rows(700, Duration::from_secs(90)).await;
+    // The stalled member wakes up long after its session ended, its rows' age well past
+    // the flush age, and more clicks arrive while it finds out.
+    first.proc.signal("CONT");
+    feeder.send(200).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    feeder.send(100).await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "a member stalls (SIGSTOP) past its session, another takes over, the first wakes up",
+        "1,000 events, 2 partitions",
+        feeder.sent.len(),
+    )
+    .await;
+    assert_aggregates(&scope, 1000).await;
+    drop(second);
+    scope.drop_database().await;
+}
+
+/// Sequence 4: the topic is recreated (here: the same name on another cluster, where
+/// offsets start at 0 again); new clicks at old offsets are new clicks.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recreated_topic_loses_no_click() {
+    let scope = Scope::new("eo_recreated", 1).await;
+    let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
+    feeder.send(200).await;
+    let mut first = ConsumerProc::start(&scope.consumer_options());
+    scope.wait_rows(200, Duration::from_secs(60)).await;
+    first.proc.terminate(Duration::from_secs(30));
+
+    let mut other = PrivateBroker::start().await;
+    let brokers = other.brokers();
+    create_topic(&brokers, &scope.topic, 1).await;
+    create_topic(&brokers, &format!("{}_dlq", scope.topic), 1).await;
+    let mut new_feeder = Feeder::new(&brokers, &scope.topic);
+    new_feeder.send(150).await;
+    let mut opts = scope.consumer_options();
+    opts.brokers = brokers;
+    let second = ConsumerProc::start(&opts);
+    second.ready().await;
+    let mut all = feeder.sent.clone();
+    all.extend(new_feeder.sent.iter().cloned());
+    assert_exactly_reported(
+        &scope,
+        &all,
+        "the topic is recreated (same name, offsets from 0 again, other clicks)",
+        "200 events, then 150 at the same offsets",
+        all.len(),
+    )
+    .await;
+    assert_aggregates(&scope, 350).await;
+    drop(second);
+    other.stop();
+    scope.drop_database().await;
+}
+
+/// Sequence 5: after an outage longer than the dedup window, a client retry that
+/// arrived 30 s after the first attempt is still one click.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_retry_after_a_long_outage_is_one_click() {
+    let scope = Scope::new("eo_long_lag", 1).await;
+    let two_hours_ago = shared::now_ms() - 2 * 3600 * 1000;
+    let at = |id: &str, ms: u64| -> Vec<u8> {
+        let mut v: Value = serde_json::from_slice(&event(id)).expect("json");
+        v["received_at_ms"] = ms.into();
+        v.to_string().into_bytes()
+    };
+    let retried = random_click_id();
+    let others: Vec<String> = (0..60).map(|_| random_click_id()).collect();
+    let mut messages: Vec<(String, Vec<u8>)> = vec![(retried.clone(), at(&retried, two_hours_ago))];
+    for (i, id) in others.iter().enumerate() {
+        messages.push((id.clone(), at(id, two_hours_ago + 500 * i as u64)));
+    }
+    // The retry: same click id, received 30 s after the first attempt.
+    messages.push((retried.clone(), at(&retried, two_hours_ago + 30_000)));
+    let refs: Vec<(Option<&str>, &[u8])> = messages
+        .iter()
+        .map(|(k, v)| (Some(k.as_str()), v.as_slice()))
+        .collect();
+    produce_raw(&scope.brokers, &scope.topic, &refs).await;
+    let mut opts = scope.consumer_options();
+    // Small plans: the first attempt and the retry are inserted separately.
+    opts.extra_env
+        .push(("CONSUMER_BATCH_MAX_ROWS".into(), "20".into()));
+    let _consumer = ConsumerProc::start(&opts);
+    let mut expected = others.clone();
+    expected.push(retried);
+    assert_exactly_reported(
+        &scope,
+        &expected,
+        "a client retry 30 s after the first attempt, consumed 2 h later (dedup window 1 h)",
+        "62 messages, 61 clicks",
+        messages.len(),
+    )
+    .await;
+    scope.drop_database().await;
+}
+
+/// Sequence 3 (the dead-letter part): a dead letter the broker will never take stops the
+/// process with a clear message instead of wedging it; nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unpublishable_dead_letter_stops_the_consumer_cleanly() {
+    let scope = Scope::new("eo_dlq_missing", 1).await;
+    let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
+    feeder.send(50).await;
+    produce_raw(&scope.brokers, &scope.topic, &[(Some("k"), b"not json")]).await;
+    feeder.send(50).await;
+    let mut opts = scope.consumer_options();
+    opts.extra_env.extend([
+        (
+            "CONSUMER_DLQ_TOPIC".to_owned(),
+            format!("{}_no_such_topic", scope.topic),
+        ),
+        ("CONSUMER_FLUSH_DEADLINE_MS".to_owned(), "5000".to_owned()),
+        ("CONSUMER_INSERT_TIMEOUT_MS".to_owned(), "5000".to_owned()),
+    ]);
+    let mut stuck = ConsumerProc::start(&opts);
+    let status = eventually("the consumer stops", Duration::from_secs(60), || {
+        let status = stuck.proc.child.try_wait().ok().flatten();
+        async move { status }
+    })
+    .await;
+    assert!(!status.success(), "exit status {status}");
+    assert!(
+        stuck.proc.log_text().contains("dead letter"),
+        "{}",
+        stuck.proc.log_text()
+    );
+    // With the dead-letter topic in place, everything arrives exactly once.
+    let fixed = ConsumerProc::start(&scope.consumer_options());
+    fixed.ready().await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "the dead-letter topic refuses a poison message (the consumer stops with a message), then is fixed",
+        "100 valid events + 1 poison",
+        feeder.sent.len() + 1,
+    )
+    .await;
+    let dlq = read_topic(
+        &scope.brokers,
+        &format!("{}_dlq", scope.topic),
+        1,
+        Duration::from_secs(20),
+    );
+    assert_eq!(dlq.len(), 1);
     scope.drop_database().await;
 }

@@ -351,7 +351,7 @@ async fn bench_consumer(rows: u64) {
     let started = Instant::now();
     for (i, chunk) in rows_vec.chunks(50_000).enumerate() {
         writer
-            .insert(chunk, &format!("bench-{insert_db}-{i}"))
+            .insert_plan(chunk.iter(), &format!("bench-{insert_db}-{i}"))
             .await
             .expect("insert");
     }

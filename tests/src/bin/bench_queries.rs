@@ -122,7 +122,9 @@ async fn main() -> anyhow::Result<()> {
                 buf.push(row(&mut rng, now, "bench", offset));
                 offset += 1;
             }
-            writer.insert(&buf, &format!("bench-{offset}")).await?;
+            writer
+                .insert_plan(buf.iter(), &format!("bench-{offset}"))
+                .await?;
             if offset % 10_000_000 == 0 || offset == rows {
                 let s = started.elapsed().as_secs_f64();
                 eprintln!(
