@@ -97,10 +97,14 @@ impl PartitionState {
             .find_map(|e| e.row.as_ref().map(|r| r.received_at_ms))
     }
 
-    /// Our proposal for the next insert: every message in hand.
+    /// Our proposal for the next insert: every message in hand. A proposal whose
+    /// agreement did not finish (the flush deadline passed) is proposed again as it was:
+    /// recording a plan twice is harmless.
     pub fn propose(&mut self) -> Option<PlanRange> {
-        if self.plan.is_some() {
-            return None;
+        match &self.plan {
+            Some(PlanState::Proposed(range)) => return Some(range.clone()),
+            Some(PlanState::Agreed { .. }) => return None,
+            None => {}
         }
         let range = PlanRange::over(
             self.partition,
@@ -125,7 +129,11 @@ impl PartitionState {
             .filter(|p| p.range.lo == ours.lo && p.range.head == ours.head)
         {
             if plan.range == ours {
-                let len = self.entries.len();
+                let len = self
+                    .entries
+                    .iter()
+                    .take_while(|e| e.offset <= ours.hi)
+                    .count();
                 let replayed_age_ms =
                     (plan.member != member).then(|| now_ms.saturating_sub(plan.planned_at_ms));
                 self.plan = Some(PlanState::Agreed {
@@ -366,6 +374,27 @@ mod tests {
     }
 
     #[test]
+    fn an_unfinished_proposal_is_proposed_again_unchanged() {
+        let mut s = state(10..15);
+        let first = s.propose().expect("proposal");
+        // The flush ended before agreeing; more messages arrived meanwhile.
+        let id = "refclk_15".to_owned();
+        s.push(
+            15,
+            message_hash(None, id.as_bytes()),
+            Some(row(15, &id, 1000)),
+        );
+        assert_eq!(s.propose(), Some(first.clone()));
+        assert_eq!(
+            s.agree(&[recorded(first, "me")], "me", 0),
+            Agreement::Agreed
+        );
+        assert_eq!(s.propose(), None);
+        assert_eq!(s.complete(), Some(15));
+        assert_eq!(s.propose().map(|r| (r.lo, r.hi)), Some((15, 15)));
+    }
+
+    #[test]
     fn an_earlier_plan_of_another_member_is_followed_exactly() {
         let mut other = state(10..13);
         let theirs = other.propose().expect("theirs");
@@ -378,6 +407,8 @@ mod tests {
         assert_eq!(rows.count(), 3);
         assert!(replayed.is_some());
         assert_eq!(s.complete(), Some(13));
+        // The replayed rows' ids are remembered (client retries of them are dropped).
+        assert!(s.recent.contains("refclk_11"));
         // The rest stays for the next plan.
         let next = s.propose().expect("next");
         assert_eq!((next.lo, next.hi), (13, 19));

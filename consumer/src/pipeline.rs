@@ -378,7 +378,10 @@ impl Pipeline {
         self.drop_partitions_not_ours();
         let result = self.insert_agreed_plans().await;
         self.commit(&result.completed, commit);
-        result.error.map_or(Ok(waiting), Err)
+        // Never spin: a flush that stored nothing while rows wait counts as waiting.
+        let stalled =
+            result.completed.is_empty() && self.partitions.values().any(|p| !p.is_empty());
+        result.error.map_or(Ok(waiting || stalled), Err)
     }
 
     /// Invariant 4: only partitions still assigned to us are written.

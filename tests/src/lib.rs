@@ -759,6 +759,58 @@ impl Drop for PrivateBroker {
     }
 }
 
+/// A private ClickHouse 26.9 (the local stack's launcher, `deploy/local/clickhouse/serve.py`)
+/// on free ports with its own data directory, for fault tests that stop the server itself.
+/// The Python of the chdb-core virtual environment comes from `E2E_CHDB_PYTHON`
+/// (`deploy/local/test` sets it).
+pub struct PrivateClickHouse {
+    pub proc: Proc,
+    pub http: SocketAddr,
+    dir: PathBuf,
+}
+
+impl PrivateClickHouse {
+    pub async fn start() -> Self {
+        let python = std::env::var("E2E_CHDB_PYTHON").unwrap_or_else(|_| {
+            format!(
+                "{}/../.local/chdb-venv/bin/python",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        });
+        let deploy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/clickhouse");
+        let dir = std::env::temp_dir().join(unique("clickhouse"));
+        for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("dir");
+        }
+        let (http, tcp) = (free_addr(), free_addr());
+        let config = std::fs::read_to_string(deploy.join("config.xml.in"))
+            .expect("config template")
+            .replace("@STATE@", &dir.display().to_string())
+            .replace("@HTTP_PORT@", &http.port().to_string())
+            .replace("@TCP_PORT@", &tcp.port().to_string());
+        std::fs::write(dir.join("config.xml"), config).expect("config");
+        std::fs::copy(deploy.join("users.xml"), dir.join("users.xml")).expect("users");
+        let mut cmd = Command::new(python);
+        cmd.arg(deploy.join("serve.py")).arg(&dir).env("TZ", "UTC");
+        let proc = Proc::spawn("clickhouse", cmd);
+        let ping = format!("http://{http}/ping");
+        wait_ready(&ping, Duration::from_secs(60)).await;
+        Self { proc, http, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+}
+
+impl Drop for PrivateClickHouse {
+    fn drop(&mut self) {
+        self.proc.signal("CONT");
+        self.proc.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 // --- the fault report ----------------------------------------------------------------------
 
 /// One row of the fault/attack table in the README, measured by a test.

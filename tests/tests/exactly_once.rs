@@ -615,8 +615,12 @@ async fn migrate(scope: &Scope) {
 async fn add_probe_view(scope: &Scope) {
     let db = &scope.database;
     for sql in [
-        format!("CREATE TABLE {db}.probe_control (fail UInt8, sleep_ms UInt32) ENGINE = Memory"),
-        format!("INSERT INTO {db}.probe_control VALUES (0, 0)"),
+        // Append-only (latest row wins): changing it never waits for a running insert.
+        format!(
+            "CREATE TABLE {db}.probe_control (at DateTime64(6) DEFAULT now64(6), fail UInt8, sleep_ms UInt32) \
+             ENGINE = MergeTree ORDER BY at"
+        ),
+        format!("INSERT INTO {db}.probe_control (fail, sleep_ms) VALUES (0, 0)"),
         format!(
             "CREATE TABLE {db}.probe_counts (day Date, clicks UInt64) ENGINE = SummingMergeTree \
              ORDER BY day SETTINGS non_replicated_deduplication_window = 10000"
@@ -625,8 +629,8 @@ async fn add_probe_view(scope: &Scope) {
         format!(
             "CREATE MATERIALIZED VIEW {db}.probe_mv TO {db}.probe_counts AS \
              SELECT toDate(received_at) AS day, count() AS clicks FROM {db}.referral_clicks \
-             WHERE throwIf((SELECT any(fail) FROM {db}.probe_control) = 1, 'probe view failed on demand') = 0 \
-             AND (SELECT count() FROM numbers(100) WHERE sleepEachRow((SELECT any(sleep_ms) FROM {db}.probe_control) / 100000.0) = 0) >= 0 \
+             WHERE throwIf((SELECT argMax(fail, at) FROM {db}.probe_control) = 1, 'probe view failed on demand') = 0 \
+             AND (SELECT count() FROM numbers(100) WHERE sleepEachRow((SELECT argMax(sleep_ms, at) FROM {db}.probe_control) / 100000.0) = 0) >= 0 \
              GROUP BY day"
         ),
     ] {
@@ -638,12 +642,8 @@ async fn set_probe(scope: &Scope, fail: u8, sleep_ms: u32) {
     let db = &scope.database;
     scope
         .ch
-        .query(&format!("TRUNCATE TABLE {db}.probe_control"))
-        .await;
-    scope
-        .ch
         .query(&format!(
-            "INSERT INTO {db}.probe_control VALUES ({fail}, {sleep_ms})"
+            "INSERT INTO {db}.probe_control (fail, sleep_ms) VALUES ({fail}, {sleep_ms})"
         ))
         .await;
 }
@@ -723,7 +723,7 @@ async fn an_insert_that_outlives_its_sender_is_not_written_twice() {
         ("CONSUMER_SHUTDOWN_GRACE_SECS".to_owned(), "1".to_owned()),
         ("CONSUMER_BATCH_MAX_AGE_MS".to_owned(), "200".to_owned()),
     ]);
-    set_probe(&scope, 0, 8000).await;
+    set_probe(&scope, 0, 20_000).await;
     let mut first = ConsumerProc::start(&first_opts);
     // Its insert is running on the server (held up by the slow view): cut the connection,
     // so the member sees a failure while the server carries on.
@@ -745,11 +745,23 @@ async fn an_insert_that_outlives_its_sender_is_not_written_twice() {
         "the first member stops within its grace period"
     );
 
-    // The next owner starts at once and writes while the old insert may still run.
+    // More clicks arrive; the next owner starts at once and writes while the old insert
+    // may still run (its first batch holds more rows than the old one).
     set_probe(&scope, 0, 0).await;
+    feeder.send(100).await;
     let second = ConsumerProc::start(&scope.consumer_options());
     second.ready().await;
-    feeder.send(100).await;
+    // Count only once the old insert is done on the server, whatever it did.
+    eventually("the old insert ends", Duration::from_secs(90), || async {
+        let running = scope
+            .ch
+            .scalar(&format!(
+                "SELECT count() FROM system.processes WHERE current_database = '{db}' AND query_kind = 'Insert' AND query NOT LIKE '%_plans%'"
+            ))
+            .await;
+        (running == 0).then_some(())
+    })
+    .await;
     assert_exactly_reported(
         &scope,
         &feeder.sent,
@@ -928,4 +940,51 @@ async fn an_unpublishable_dead_letter_stops_the_consumer_cleanly() {
     );
     assert_eq!(dlq.len(), 1);
     scope.drop_database().await;
+}
+
+/// ClickHouse itself freezes (SIGSTOP) with inserts in flight and thaws (SIGCONT) after
+/// the consumer's flush deadline passed: the frozen inserts complete late, beside the
+/// consumer's retries of the same plans.
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_frozen_mid_insert_then_thawed_writes_everything_once() {
+    let private = PrivateClickHouse::start().await;
+    let ch = ClickHouse::new(&private.url());
+    let mut scope = Scope::new("eo_ch_frozen", 2).await;
+    scope.ch = ch;
+    let mut opts = scope.consumer_options();
+    opts.clickhouse_url = private.url();
+    opts.extra_env.extend([
+        ("CONSUMER_FLUSH_DEADLINE_MS".to_owned(), "4000".to_owned()),
+        ("CONSUMER_INSERT_TIMEOUT_MS".to_owned(), "3000".to_owned()),
+        ("CONSUMER_BATCH_MAX_AGE_MS".to_owned(), "200".to_owned()),
+        (
+            "CONSUMER_RETRY_MAX_BACKOFF_MS".to_owned(),
+            "1000".to_owned(),
+        ),
+    ]);
+    let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
+    feeder.send(500).await;
+    let consumer = ConsumerProc::start(&opts);
+    scope.wait_rows(500, Duration::from_secs(60)).await;
+    // Freeze the server while clicks keep coming, so inserts are caught in flight.
+    for _ in 0..3 {
+        let sending = feeder.send(300);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        private.proc.signal("STOP");
+        sending.await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        private.proc.signal("CONT");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(consumer.metric("consumer_insert_errors_total").await >= 1.0);
+    feeder.send(100).await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "ClickHouse frozen (SIGSTOP) for 6 s with inserts in flight, 3 times, then thawed",
+        "1,500 events, 2 partitions",
+        feeder.sent.len(),
+    )
+    .await;
+    assert_aggregates(&scope, 1500).await;
 }
