@@ -1,6 +1,7 @@
 //! Typed configuration from flags and `CONSUMER_*` environment variables, validated at
 //! start-up with a message naming the variable.
 
+use shared::kafka_properties::{KafkaProperties, CONSUMER_PROTECTED};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -176,6 +177,19 @@ pub struct Config {
     )]
     pub dedup_max_ids: usize,
 
+    /// Extra librdkafka properties for the consumer, the dead-letter producer and the admin
+    /// client, `key=value` separated by commas (SASL, TLS). Keys the exactly-once design
+    /// depends on (group.id, auto commit and offset store, auto.offset.reset,
+    /// max.poll.interval.ms, acks, idempotence) are refused.
+    #[arg(
+        long,
+        env = "CONSUMER_KAFKA_PROPERTIES",
+        default_value = "",
+        value_parser = KafkaProperties::parse,
+        global = true
+    )]
+    pub kafka_properties: KafkaProperties,
+
     #[arg(
         long,
         env = "CONSUMER_FLUSH_DEADLINE_MS",
@@ -280,6 +294,8 @@ impl Config {
                 "CONSUMER_KAFKA_TOPIC and CONSUMER_DLQ_TOPIC: must be set and differ".into(),
             );
         }
+        self.kafka_properties
+            .refuse("CONSUMER_KAFKA_PROPERTIES", CONSUMER_PROTECTED)?;
         if self.group_id.is_empty() {
             return Err("CONSUMER_GROUP_ID: must not be empty".into());
         }
@@ -336,6 +352,21 @@ mod tests {
             Cli::try_parse_from(["consumer", "setup", "--topic-partitions", "4"]).expect("parses");
         assert!(matches!(cli.command, Some(Command::Setup)));
         assert_eq!(cli.config.topic_partitions, 4);
+    }
+
+    #[test]
+    fn protected_kafka_properties_are_refused() {
+        let cli = Cli::try_parse_from(["consumer", "--kafka-properties", "security.protocol=SSL"])
+            .expect("parses");
+        assert!(cli.config.validate().is_ok());
+        let cli =
+            Cli::try_parse_from(["consumer", "--kafka-properties", "enable.auto.commit=true"])
+                .expect("parses");
+        assert!(cli
+            .config
+            .validate()
+            .expect_err("refused")
+            .starts_with("CONSUMER_KAFKA_PROPERTIES"));
     }
 
     #[test]

@@ -92,6 +92,16 @@ impl ConsumerContext for Context {
 
 pub type Consumer = StreamConsumer<Context>;
 
+/// Brokers plus the operator's extra properties (validated: none of the protected keys).
+fn client_config(config: &Config) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.kafka_brokers);
+    for (k, v) in config.kafka_properties.iter() {
+        cc.set(k, v);
+    }
+    cc
+}
+
 /// librdkafka's default, set explicitly because the flush deadline is validated against it.
 pub const MAX_POLL_INTERVAL_MS: u64 = 300_000;
 
@@ -100,8 +110,7 @@ pub fn consumer(config: &Config) -> rdkafka::error::KafkaResult<Consumer> {
         topic: config.kafka_topic.clone(),
         events: Mutex::new(Vec::new()),
     };
-    ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka_brokers)
+    client_config(config)
         .set("group.id", &config.group_id)
         .set("client.id", "referral-consumer")
         // Offsets are committed by hand, only after ClickHouse accepted the rows.
@@ -122,8 +131,7 @@ pub fn consumer(config: &Config) -> rdkafka::error::KafkaResult<Consumer> {
 
 /// Idempotent, acks=all producer for dead letters.
 pub fn dlq_producer(config: &Config) -> rdkafka::error::KafkaResult<FutureProducer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka_brokers)
+    client_config(config)
         .set("client.id", "referral-consumer-dlq")
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -231,9 +239,7 @@ pub async fn send_dead_letter(
 
 /// Creates the clicks and dead-letter topics; existing topics are left as they are.
 pub async fn create_topics(config: &Config) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka_brokers)
-        .create()?;
+    let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
     let replication = || TopicReplication::Fixed(config.topic_replication);
     let topics = [
         NewTopic::new(&config.kafka_topic, config.topic_partitions, replication()),

@@ -9,6 +9,7 @@ use ipnet::IpNet;
 
 use shared::click::MAX_CODE_LEN;
 use shared::hashing::KeyedHasher;
+use shared::kafka_properties::{KafkaProperties, PRODUCER_PROTECTED};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -30,8 +31,9 @@ pub struct Config {
 
     /// Extra librdkafka producer properties, `key=value` separated by commas
     /// (e.g. `security.protocol=SASL_SSL,sasl.mechanisms=PLAIN`).
-    #[arg(long, env = "INGEST_KAFKA_PROPERTIES", default_value = "", value_parser = parse_properties)]
-    pub kafka_properties: Properties,
+    /// `acks` and `enable.idempotence` are refused: 2xx-after-ack depends on them.
+    #[arg(long, env = "INGEST_KAFKA_PROPERTIES", default_value = "", value_parser = KafkaProperties::parse)]
+    pub kafka_properties: KafkaProperties,
 
     /// Secret key of the IP/User-Agent hashes, at least 32 bytes. Required; never logged.
     #[arg(long, env = "INGEST_HASH_KEY", hide_env_values = true)]
@@ -61,7 +63,18 @@ pub struct Config {
     #[arg(long, env = "INGEST_TRUSTED_PROXIES", default_value = "", value_parser = parse_cidrs)]
     pub trusted_proxies: Cidrs,
 
-    /// Origins allowed to post from a browser (CORS), comma-separated; `*` for any.
+    /// The one header trusted proxies write the client address into: `x-forwarded-for`
+    /// or `forwarded`. The other header is ignored.
+    #[arg(
+        long,
+        env = "INGEST_CLIENT_IP_HEADER",
+        value_enum,
+        default_value = "x-forwarded-for"
+    )]
+    pub client_ip_header: crate::client_ip::ClientIpHeader,
+
+    /// Origins allowed to post from a browser (CORS), comma-separated; `*` for any (then
+    /// answered with `*` and without credentials, so browsers send and store no cookie).
     #[arg(long, env = "INGEST_CORS_ORIGINS", default_value = "")]
     pub cors_origins: String,
 
@@ -72,6 +85,16 @@ pub struct Config {
     /// Domain attribute of the click cookie; empty: host-only.
     #[arg(long, env = "INGEST_COOKIE_DOMAIN", default_value = "")]
     pub cookie_domain: String,
+
+    /// SameSite of the click cookie: `lax` (browsers keep it for same-site requests only),
+    /// or `none` for a tracking domain that pages on other sites call (always `Secure`).
+    #[arg(
+        long,
+        env = "INGEST_COOKIE_SAMESITE",
+        value_enum,
+        default_value = "lax"
+    )]
+    pub cookie_samesite: SameSite,
 
     /// Max-Age of the click cookie, in seconds.
     #[arg(long, env = "INGEST_COOKIE_MAX_AGE_SECS", default_value_t = 30 * 24 * 3600)]
@@ -104,25 +127,23 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct Properties(pub Vec<(String, String)>);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SameSite {
+    Lax,
+    None,
+}
+
+impl SameSite {
+    pub fn attribute(self) -> &'static str {
+        match self {
+            Self::Lax => "SameSite=Lax",
+            Self::None => "SameSite=None",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct Cidrs(pub Vec<IpNet>);
-
-fn parse_properties(s: &str) -> Result<Properties, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            pair.split_once('=')
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                .filter(|(k, _)| !k.is_empty())
-                .ok_or_else(|| format!("`{pair}` is not key=value"))
-        })
-        .collect::<Result<_, _>>()
-        .map(Properties)
-}
 
 fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
     s.split(',')
@@ -177,6 +198,8 @@ impl Config {
                     .into(),
             );
         }
+        self.kafka_properties
+            .refuse("INGEST_KAFKA_PROPERTIES", PRODUCER_PROTECTED)?;
         if self.kafka_topic.is_empty() || self.kafka_brokers.is_empty() {
             return Err("INGEST_KAFKA_TOPIC and INGEST_KAFKA_BROKERS: must not be empty".into());
         }

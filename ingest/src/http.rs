@@ -142,7 +142,12 @@ impl<S: ClickSink> App<S> {
         req: Request<Incoming>,
         peer: IpAddr,
     ) -> Result<Response<Body>, ApiError> {
-        let ip = client_ip(peer, req.headers(), &self.config.trusted_proxies.0);
+        let ip = client_ip(
+            peer,
+            req.headers(),
+            &self.config.trusted_proxies.0,
+            self.config.client_ip_header,
+        );
         if let Err(wait) = self.limiter.check(ip) {
             metrics::counter!(m::RATE_LIMITED_TOTAL).increment(1);
             return Err(ApiError::RateLimited(wait));
@@ -215,7 +220,10 @@ impl<S: ClickSink> App<S> {
             cookie.push_str("; Domain=");
             cookie.push_str(&c.cookie_domain);
         }
-        cookie.push_str("; SameSite=Lax; Secure");
+        // Secure always: browsers refuse SameSite=None without it.
+        cookie.push_str("; ");
+        cookie.push_str(c.cookie_samesite.attribute());
+        cookie.push_str("; Secure");
         cookie
     }
 
@@ -241,17 +249,23 @@ impl<S: ClickSink> App<S> {
         response
     }
 
-    /// CORS headers on every response of the click route, for allowed origins only. The
-    /// origin is echoed (not `*`) so that browsers accept the click cookie.
+    /// CORS headers on every response of the click route, for allowed origins only. A
+    /// listed origin is echoed with credentials allowed (so browsers accept the click
+    /// cookie); with `*`, any origin gets `*` and never credentials: echoing every origin
+    /// with credentials would let any site read answers made with the visitor's cookies.
     fn add_cors(&self, response: &mut Response<Body>, origin: Option<&HeaderValue>) {
         let h = response.headers_mut();
         h.append(VARY, HeaderValue::from_static("Origin"));
         if let Some(origin) = self.allowed_origin(origin) {
-            h.insert("access-control-allow-origin", origin.clone());
-            h.insert(
-                "access-control-allow-credentials",
-                HeaderValue::from_static("true"),
-            );
+            if matches!(self.cors, CorsOrigins::Any) {
+                h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+            } else {
+                h.insert("access-control-allow-origin", origin.clone());
+                h.insert(
+                    "access-control-allow-credentials",
+                    HeaderValue::from_static("true"),
+                );
+            }
             h.insert(
                 "access-control-expose-headers",
                 HeaderValue::from_static("x-request-id, retry-after"),

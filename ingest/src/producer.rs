@@ -86,7 +86,7 @@ impl KafkaSink {
             // 503 answer is not followed by a late delivery of the same message.
             .set("message.timeout.ms", config.produce_timeout_ms.to_string())
             .set("reconnect.backoff.max.ms", "1000");
-        for (k, v) in &config.kafka_properties.0 {
+        for (k, v) in config.kafka_properties.iter() {
             cc.set(k, v);
         }
         let producer: FutureProducer = cc.create()?;

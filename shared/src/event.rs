@@ -1,7 +1,10 @@
 //! The Kafka event: the one schema both binaries agree on.
 //!
-//! Versioned JSON (`"v": 1`). It carries only sanitized fields and keyed hashes: the raw IP
-//! and User-Agent have no place in it. Decoding re-checks every rule, so a consumer never
+//! Versioned JSON (`"v": 1`). `v` is the *major* version: within it, fields are only ever
+//! added, so a reader ignores fields it does not know (a newer ingest may add an optional
+//! field while older consumers still run); a different major is refused as such. It
+//! carries only sanitized fields and keyed hashes: the raw IP and User-Agent have no place
+//! in it. Decoding re-checks every rule, so a consumer never
 //! writes a value the ingest contract would have refused (such a message is dead-lettered).
 
 use serde::{Deserialize, Serialize};
@@ -12,7 +15,6 @@ use crate::hashing::{is_valid_key_id, Digest};
 pub const EVENT_VERSION: u16 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ClickEvent {
     pub v: u16,
     pub click_id: String,
@@ -73,18 +75,25 @@ impl ClickEvent {
 
     /// Parses and re-validates an event.
     pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
-        let event: Self = serde_json::from_slice(payload).map_err(|e| {
-            // Report the position only: the payload may be anything.
+        // Report the position only: the payload may be anything.
+        let malformed = |e: serde_json::Error| {
             DecodeError::Malformed(format!(
                 "line {} column {}: {:?}",
                 e.line(),
                 e.column(),
                 e.classify()
             ))
-        })?;
-        if event.v != EVENT_VERSION {
-            return Err(DecodeError::Version(event.v));
+        };
+        // The major version first: another major may have another shape altogether.
+        #[derive(Deserialize)]
+        struct Major {
+            v: u16,
         }
+        let major: Major = serde_json::from_slice(payload).map_err(malformed)?;
+        if major.v != EVENT_VERSION {
+            return Err(DecodeError::Version(major.v));
+        }
+        let event: Self = serde_json::from_slice(payload).map_err(malformed)?;
         let invalid =
             |field: &'static str| move |reason: String| DecodeError::Invalid { field, reason };
         ClickId::parse(&event.click_id).map_err(invalid("click_id"))?;
@@ -186,6 +195,19 @@ mod tests {
             ClickEvent::decode(b"not json"),
             Err(DecodeError::Malformed(_))
         ));
+        // A newer ingest within major 1 added a field: still a v1 event.
+        let mut newer: serde_json::Value =
+            serde_json::from_slice(&sample().encode()).expect("json");
+        newer["landing_host"] = "shop.example".into();
+        assert_eq!(
+            ClickEvent::decode(newer.to_string().as_bytes()),
+            Ok(sample())
+        );
+        // Major 2, shaped differently: refused for its version, not as malformed.
+        assert_eq!(
+            ClickEvent::decode(br#"{"v":2,"click":{"id":"x"}}"#),
+            Err(DecodeError::Version(2))
+        );
         assert!(matches!(
             ClickEvent::decode(br#"{"v":1}"#),
             Err(DecodeError::Malformed(_))

@@ -6,6 +6,7 @@ pub mod bot;
 pub mod click;
 pub mod event;
 pub mod hashing;
+pub mod kafka_properties;
 pub mod metric_names;
 pub mod telemetry;
 

@@ -997,3 +997,43 @@ async fn clickhouse_frozen_mid_insert_then_thawed_writes_everything_once() {
     .await;
     assert_aggregates(&scope, 1500).await;
 }
+
+/// Rolling upgrades: an event of the same major version with a field this consumer does
+/// not know is written; an event of another major version goes to the dead-letter topic
+/// with its own reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_minor_event_is_written_and_a_new_major_is_dead_lettered() {
+    let scope = Scope::new("eo_versions", 1).await;
+    let newer_id = random_click_id();
+    let mut newer: Value = serde_json::from_slice(&event(&newer_id)).expect("json");
+    newer["landing_host"] = "shop.example".into();
+    let newer = newer.to_string();
+    let major = r#"{"v":2,"click":{"id":"refclk_v2"}}"#;
+    produce_raw(
+        &scope.brokers,
+        &scope.topic,
+        &[
+            (Some(newer_id.as_str()), newer.as_bytes()),
+            (Some("k2"), major.as_bytes()),
+        ],
+    )
+    .await;
+    let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
+    feeder.send(20).await;
+    let _consumer = ConsumerProc::start(&scope.consumer_options());
+    let mut expected = feeder.sent.clone();
+    expected.push(newer_id);
+    assert_exactly(&scope, &expected).await;
+    let dlq = read_topic(
+        &scope.brokers,
+        &format!("{}_dlq", scope.topic),
+        1,
+        Duration::from_secs(20),
+    );
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(
+        dlq[0].headers.get("dlq_reason").map(String::as_str),
+        Some("unsupported event version 2")
+    );
+    scope.drop_database().await;
+}

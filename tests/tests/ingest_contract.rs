@@ -744,3 +744,133 @@ async fn a_hanging_broker_fills_the_queue_and_gets_503_not_a_hang() {
     // exactly_once::broker_restart_under_load_loses_nothing.
     drop(broker);
 }
+
+/// `INGEST_CORS_ORIGINS=*` answers `*` and never allows credentials; a cross-site
+/// tracking domain gets `SameSite=None; Secure` (what a browser needs to store and send the
+/// cookie on a credentialed cross-site fetch).
+#[tokio::test(flavor = "multi_thread")]
+async fn any_origin_gets_star_without_credentials_and_samesite_none_is_secure() {
+    let (_scope, ingest) = start(
+        "contract_cors_any",
+        &[
+            ("INGEST_CORS_ORIGINS", "*"),
+            ("INGEST_COOKIE_NAME", "ref_click"),
+            ("INGEST_COOKIE_SAMESITE", "none"),
+        ],
+    )
+    .await;
+    let c = http();
+    let url = ingest.url(PATH);
+    let (status, headers, env) = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .header("origin", "https://anyone.example")
+            .body(r#"{"code":"A1B2C3D4E5F6","click_id":"refclk_star1"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{env}");
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    assert!(!headers.contains_key("access-control-allow-credentials"));
+    let cookie = headers["set-cookie"].to_str().expect("cookie");
+    assert!(cookie.ends_with("; SameSite=None; Secure"), "{cookie}");
+    let r = c
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://anyone.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert!(!r.headers().contains_key("access-control-allow-credentials"));
+}
+
+/// Behind a trusted proxy that writes only `Forwarded`, a client-sent `X-Forwarded-For`
+/// picks neither the hash nor the rate bucket.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_configured_forwarding_header_is_believed() {
+    let (scope, ingest) = start(
+        "contract_fwd_only",
+        &[
+            ("INGEST_TRUSTED_PROXIES", "127.0.0.0/8"),
+            ("INGEST_CLIENT_IP_HEADER", "forwarded"),
+            ("INGEST_RATE_LIMIT_BURST", "2"),
+            ("INGEST_RATE_LIMIT_PER_MINUTE", "1"),
+        ],
+    )
+    .await;
+    let c = http();
+    // The proxy says the client is 198.51.100.7; the client claims other addresses.
+    let mut statuses = Vec::new();
+    for claim in ["1.1.1.1", "2.2.2.2", "3.3.3.3"] {
+        let (status, _, _) = send(
+            c.post(ingest.url(PATH))
+                .header("content-type", "application/json")
+                .header("x-forwarded-for", claim)
+                .header("forwarded", "for=198.51.100.7;proto=https")
+                .body(json!({"code":"A1B2C3D4E5F6","click_id": random_click_id()}).to_string()),
+        )
+        .await;
+        statuses.push(status);
+    }
+    assert_eq!(statuses, vec![200, 200, 429]);
+    let events = read_topic(&scope.brokers, &scope.topic, 2, Duration::from_secs(5));
+    let hashes: Vec<String> = events
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Value>(&r.payload).expect("event")["ip_hash"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(hashes.len(), 2);
+    assert_eq!(hashes[0], hashes[1], "X-Forwarded-For changed the hash");
+    // Another client behind the same proxy has its own bucket.
+    let (status, _, _) = send(
+        c.post(ingest.url(PATH))
+            .header("content-type", "application/json")
+            .header("forwarded", "for=198.51.100.8")
+            .body(r#"{"code":"A1B2C3D4E5F6"}"#),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+/// Properties the delivery guarantee depends on cannot be overridden from the environment.
+#[tokio::test(flavor = "multi_thread")]
+async fn protected_kafka_properties_stop_start_up_with_a_clear_message() {
+    let scope = Scope::new("contract_props", 1).await;
+    let mut opts = scope.ingest_options();
+    opts.extra_env = vec![("INGEST_KAFKA_PROPERTIES".into(), "acks=1".into())];
+    let mut ingest = Ingest::start(&opts);
+    let status = eventually("ingest exits", Duration::from_secs(20), || {
+        let status = ingest.proc.child.try_wait().ok().flatten();
+        async move { status }
+    })
+    .await;
+    assert!(!status.success());
+    let log = ingest.proc.log_text();
+    assert!(
+        log.contains("INGEST_KAFKA_PROPERTIES: `acks` cannot be set"),
+        "{log}"
+    );
+
+    let mut opts = scope.consumer_options();
+    opts.extra_env = vec![(
+        "CONSUMER_KAFKA_PROPERTIES".into(),
+        "enable.auto.commit=true".into(),
+    )];
+    let mut consumer = ConsumerProc::start(&opts);
+    let status = eventually("consumer exits", Duration::from_secs(20), || {
+        let status = consumer.proc.child.try_wait().ok().flatten();
+        async move { status }
+    })
+    .await;
+    assert!(!status.success());
+    let log = consumer.proc.log_text();
+    assert!(
+        log.contains("CONSUMER_KAFKA_PROPERTIES: `enable.auto.commit` cannot be set"),
+        "{log}"
+    );
+}
