@@ -121,6 +121,15 @@ impl ClickId {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LandingPath(String);
 
+/// The origin relative landing paths are resolved against (only its path is kept).
+fn relative_base() -> &'static url::Url {
+    static BASE: std::sync::OnceLock<url::Url> = std::sync::OnceLock::new();
+    BASE.get_or_init(|| {
+        #[allow(clippy::expect_used)]
+        url::Url::parse("https://landing.invalid/").expect("a constant, valid URL")
+    })
+}
+
 impl LandingPath {
     pub fn parse(raw: &str) -> Result<Self, String> {
         let trimmed = raw.trim();
@@ -139,7 +148,16 @@ impl LandingPath {
         } else {
             // Query string and fragment may carry personal data: they are dropped.
             let end = trimmed.find(['?', '#']).unwrap_or(trimmed.len());
-            trimmed[..end].to_owned()
+            let raw_path = &trimmed[..end];
+            // The refusals apply to what was sent; then the path is normalized exactly as
+            // the path of an absolute URL is (percent-encoding, dot segments), so one page
+            // is one row whichever way it was reported.
+            Self::check_path(raw_path)?;
+            relative_base()
+                .join(raw_path)
+                .map_err(|_| "must be a path starting with a single / or an http(s) URL".to_owned())?
+                .path()
+                .to_owned()
         };
         Self::check_path(&path)?;
         Ok(Self(path))
@@ -589,6 +607,29 @@ mod tests {
         }
         assert!(LandingPath::parse(&format!("/{}", "a".repeat(2047))).is_ok());
         assert!(LandingPath::parse(&format!("/{}", "a".repeat(2048))).is_err());
+    }
+
+    #[test]
+    fn relative_and_absolute_forms_of_a_page_are_one_path() {
+        let ok = |raw: &str| LandingPath::parse(raw).expect(raw).as_str().to_owned();
+        for (relative, absolute) in [
+            ("/a/./b/../c", "https://shop.example/a/./b/../c"),
+            ("/caf\u{e9}", "https://shop.example/caf\u{e9}"),
+            ("/%7Euser", "https://shop.example/%7Euser"),
+            ("/a/%2e%2E/b", "https://shop.example/a/%2e%2E/b"),
+            ("/p\"q<r>", "https://shop.example/p\"q<r>"),
+        ] {
+            assert_eq!(ok(relative), ok(absolute), "{relative} vs {absolute}");
+        }
+        assert_eq!(ok("/a/./b/../c"), "/a/c");
+        assert_eq!(ok("/caf\u{e9}"), "/caf%C3%A9");
+        assert_eq!(ok("/../../etc"), "/etc");
+        // Normalizing is idempotent, and what comes out passes the strict event check.
+        for raw in ["/a/./b/../c", "/caf\u{e9}", "/x/%2e%2e/y"] {
+            let once = ok(raw);
+            assert_eq!(ok(&once), once);
+            assert!(LandingPath::parse_normalized(&once).is_ok());
+        }
     }
 
     #[test]
