@@ -122,6 +122,10 @@ pub struct Config {
     #[arg(long, env = "INGEST_BODY_TIMEOUT_MS", default_value_t = 10_000)]
     pub body_timeout_ms: u64,
 
+    /// Most connections open at once; more wait in the listen backlog until one closes.
+    #[arg(long, env = "INGEST_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "INGEST_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
@@ -202,6 +206,9 @@ impl Config {
             .refuse("INGEST_KAFKA_PROPERTIES", PRODUCER_PROTECTED)?;
         if self.kafka_topic.is_empty() || self.kafka_brokers.is_empty() {
             return Err("INGEST_KAFKA_TOPIC and INGEST_KAFKA_BROKERS: must not be empty".into());
+        }
+        if self.max_connections == 0 {
+            return Err("INGEST_MAX_CONNECTIONS: must be at least 1".into());
         }
         if self.produce_timeout_ms < 100 {
             return Err("INGEST_PRODUCE_TIMEOUT_MS: must be at least 100".into());

@@ -39,6 +39,7 @@ pub async fn run(
     let options = server::ServerOptions {
         header_timeout: Duration::from_millis(config.header_timeout_ms),
         shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
+        max_connections: config.max_connections,
     };
     let app = Arc::new(App::new(
         config,

@@ -4,6 +4,11 @@
 //! period), then flush the producer so every click answered 200 is delivered. Slow
 //! clients are bounded by the header read timeout here and the body timeout in the
 //! handler; headers larger than 16 KiB are refused by hyper (431).
+//!
+//! Open connections are capped (`INGEST_MAX_CONNECTIONS`), as in mini-redis: a connection
+//! holds a semaphore permit for its lifetime and the loop accepts only with a permit in
+//! hand, so past the cap new connections wait in the kernel's listen backlog (and are
+//! refused by the kernel when that is full) instead of costing memory and descriptors.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,6 +19,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use shared::metric_names as m;
 
 use crate::http::App;
 use crate::producer::ClickSink;
@@ -21,6 +29,7 @@ use crate::producer::ClickSink;
 pub struct ServerOptions {
     pub header_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub max_connections: usize,
 }
 
 pub async fn serve<S: ClickSink>(
@@ -35,8 +44,17 @@ pub async fn serve<S: ClickSink>(
         .header_read_timeout(options.header_timeout)
         .max_buf_size(16 * 1024)
         .keep_alive(true);
+    let permits = Arc::new(Semaphore::new(options.max_connections));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // The semaphore is never closed.
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -52,9 +70,12 @@ pub async fn serve<S: ClickSink>(
                 let app = Arc::clone(&app);
                 let service = service_fn(move |req| Arc::clone(&app).serve(req, peer));
                 let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                metrics::gauge!(m::OPEN_CONNECTIONS).increment(1.0);
                 tokio::spawn(async move {
                     // Client resets and timeouts end a connection; nothing to report.
                     let _ = conn.await;
+                    metrics::gauge!(m::OPEN_CONNECTIONS).decrement(1.0);
+                    drop(permit);
                 });
             }
             () = &mut shutdown => break,

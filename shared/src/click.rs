@@ -155,7 +155,9 @@ impl LandingPath {
             Self::check_path(raw_path)?;
             relative_base()
                 .join(raw_path)
-                .map_err(|_| "must be a path starting with a single / or an http(s) URL".to_owned())?
+                .map_err(|_| {
+                    "must be a path starting with a single / or an http(s) URL".to_owned()
+                })?
                 .path()
                 .to_owned()
         };

@@ -4,6 +4,7 @@
 // ingest
 pub const HTTP_REQUESTS_TOTAL: &str = "ingest_http_requests_total"; // labels: route, status
 pub const HTTP_REQUEST_DURATION: &str = "ingest_http_request_duration_seconds"; // labels: route
+pub const OPEN_CONNECTIONS: &str = "ingest_open_connections";
 pub const CLICKS_ACCEPTED_TOTAL: &str = "ingest_clicks_accepted_total";
 pub const CLICKS_REJECTED_TOTAL: &str = "ingest_clicks_rejected_total"; // labels: reason
 pub const PRODUCE_DURATION: &str = "ingest_produce_duration_seconds";
@@ -34,6 +35,10 @@ pub const PLAN_WAITS_TOTAL: &str = "consumer_plan_waits_total";
 pub fn register_ingest() {
     use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP responses by route and status");
+    describe_gauge!(
+        OPEN_CONNECTIONS,
+        "Client connections open (at most INGEST_MAX_CONNECTIONS)"
+    );
     describe_histogram!(
         HTTP_REQUEST_DURATION,
         Unit::Seconds,

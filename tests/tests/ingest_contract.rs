@@ -874,3 +874,65 @@ async fn protected_kafka_properties_stop_start_up_with_a_clear_message() {
         "{log}"
     );
 }
+
+/// Far more connections than `INGEST_MAX_CONNECTIONS`: the excess waits (the process never
+/// holds more), and requests are served again as soon as connections close.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_cap_wait_and_the_cap_holds() {
+    let (_scope, ingest) = start(
+        "contract_conn_cap",
+        &[
+            ("INGEST_MAX_CONNECTIONS", "10"),
+            ("INGEST_HEADER_TIMEOUT_MS", "60000"),
+        ],
+    )
+    .await;
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let pid = ingest.proc.child.id();
+    let baseline = fds(pid);
+    // 300 idle connections at once: 10 are taken, the rest wait in the listen backlog
+    // (past the backlog the kernel leaves them unanswered: bounded here by a timeout).
+    let addr = ingest.addr;
+    let attempts = (0..300).map(|_| async move {
+        tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+            .await
+            .ok()
+            .and_then(Result::ok)
+    });
+    let idle: Vec<TcpStream> = futures::future::join_all(attempts)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(idle.len() > 10, "only {} connections opened", idle.len());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = fds(pid);
+    assert!(
+        held <= baseline + 10,
+        "ingest holds {held} descriptors (baseline {baseline}, cap 10)"
+    );
+    let waiting = tokio::time::timeout(
+        Duration::from_secs(1),
+        http().get(ingest.url("/healthz")).send(),
+    )
+    .await;
+    assert!(
+        waiting.is_err(),
+        "a request past the cap was served at once"
+    );
+    drop(idle);
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        http().get(ingest.url("/healthz")).send(),
+    )
+    .await
+    .expect("served once connections closed")
+    .expect("response");
+    assert_eq!(r.status(), 200);
+    let open = metric_value(&ingest.url("/metrics"), "ingest_open_connections").await;
+    assert!((1.0..=10.0).contains(&open), "{open}");
+}
