@@ -919,11 +919,7 @@ async fn an_unpublishable_dead_letter_stops_the_consumer_cleanly() {
         ("CONSUMER_INSERT_TIMEOUT_MS".to_owned(), "5000".to_owned()),
     ]);
     let mut stuck = ConsumerProc::start(&opts);
-    let status = eventually("the consumer stops", Duration::from_secs(60), || {
-        let status = stuck.proc.child.try_wait().ok().flatten();
-        async move { status }
-    })
-    .await;
+    let status = stuck.proc.exited(Duration::from_secs(60)).await;
     assert!(!status.success(), "exit status {status}");
     assert!(
         stuck.proc.log_text().contains("dead letter"),

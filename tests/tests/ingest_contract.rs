@@ -23,6 +23,19 @@ async fn start(name: &str, env: &[(&str, &str)]) -> (Scope, Ingest) {
     (scope, ingest)
 }
 
+/// The `ip_hash` of each published event.
+fn ip_hashes_of(records: &[Record]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Value>(&r.payload).expect("event")["ip_hash"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect()
+}
+
 async fn send(req: reqwest::RequestBuilder) -> (u16, reqwest::header::HeaderMap, Value) {
     let r = req.send().await.expect("send");
     let status = r.status().as_u16();
@@ -324,20 +337,12 @@ async fn forwarded_headers_only_count_from_trusted_proxies() {
             .await;
             assert_eq!(status, 200, "{env}");
         }
-        read_topic(
+        ip_hashes_of(&read_topic(
             &scope.brokers,
             &scope.topic,
             xffs.len(),
             Duration::from_secs(5),
-        )
-        .iter()
-        .map(|r| {
-            serde_json::from_slice::<Value>(&r.payload).expect("event")["ip_hash"]
-                .as_str()
-                .unwrap_or("")
-                .to_owned()
-        })
-        .collect()
+        ))
     }
 
     let (scope, ingest) = start(
@@ -815,15 +820,7 @@ async fn only_the_configured_forwarding_header_is_believed() {
     }
     assert_eq!(statuses, vec![200, 200, 429]);
     let events = read_topic(&scope.brokers, &scope.topic, 2, Duration::from_secs(5));
-    let hashes: Vec<String> = events
-        .iter()
-        .map(|r| {
-            serde_json::from_slice::<Value>(&r.payload).expect("event")["ip_hash"]
-                .as_str()
-                .unwrap_or("")
-                .to_owned()
-        })
-        .collect();
+    let hashes = ip_hashes_of(&events);
     assert_eq!(hashes.len(), 2);
     assert_eq!(hashes[0], hashes[1], "X-Forwarded-For changed the hash");
     // Another client behind the same proxy has its own bucket.
@@ -844,11 +841,7 @@ async fn protected_kafka_properties_stop_start_up_with_a_clear_message() {
     let mut opts = scope.ingest_options();
     opts.extra_env = vec![("INGEST_KAFKA_PROPERTIES".into(), "acks=1".into())];
     let mut ingest = Ingest::start(&opts);
-    let status = eventually("ingest exits", Duration::from_secs(20), || {
-        let status = ingest.proc.child.try_wait().ok().flatten();
-        async move { status }
-    })
-    .await;
+    let status = ingest.proc.exited(Duration::from_secs(20)).await;
     assert!(!status.success());
     let log = ingest.proc.log_text();
     assert!(
@@ -862,11 +855,7 @@ async fn protected_kafka_properties_stop_start_up_with_a_clear_message() {
         "enable.auto.commit=true".into(),
     )];
     let mut consumer = ConsumerProc::start(&opts);
-    let status = eventually("consumer exits", Duration::from_secs(20), || {
-        let status = consumer.proc.child.try_wait().ok().flatten();
-        async move { status }
-    })
-    .await;
+    let status = consumer.proc.exited(Duration::from_secs(20)).await;
     assert!(!status.success());
     let log = consumer.proc.log_text();
     assert!(
