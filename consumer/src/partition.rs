@@ -429,43 +429,26 @@ mod tests {
 
     #[test]
     fn plans_of_another_topic_incarnation_are_passed_over() {
-        // Same offsets, other messages (the topic was recreated).
-        let mut old = PartitionState::new(0, RecentIds::new(60_000, 100));
-        for o in 10..13 {
-            old.push(o, message_hash(None, format!("old{o}").as_bytes()), None);
+        // Same offsets, other messages (the topic was recreated): shorter than ours, or
+        // reaching past our messages (which must not make us wait for them).
+        for old_offsets in [10..13, 10..40] {
+            let mut old = PartitionState::new(0, RecentIds::new(60_000, 100));
+            for o in old_offsets {
+                old.push(o, message_hash(None, format!("old{o}").as_bytes()), None);
+            }
+            let stale = old.propose().expect("stale");
+            let mut s = state(10..15);
+            let ours = s.propose().expect("ours");
+            assert_eq!(
+                s.agree(
+                    &[recorded(stale, "old"), recorded(ours.clone(), "me")],
+                    "me",
+                    0
+                ),
+                Agreement::Agreed
+            );
+            assert_eq!(s.agreed().expect("agreed").0, &ours);
         }
-        let stale = old.propose().expect("stale");
-        let mut s = state(10..15);
-        let ours = s.propose().expect("ours");
-        assert_eq!(
-            s.agree(
-                &[recorded(stale, "old"), recorded(ours.clone(), "me")],
-                "me",
-                0
-            ),
-            Agreement::Agreed
-        );
-        assert_eq!(s.agreed().expect("agreed").0, &ours);
-    }
-
-    #[test]
-    fn a_longer_plan_of_another_incarnation_does_not_make_us_wait() {
-        let mut old = PartitionState::new(0, RecentIds::new(60_000, 100));
-        for o in 10..40 {
-            old.push(o, message_hash(None, format!("old{o}").as_bytes()), None);
-        }
-        let stale = old.propose().expect("stale");
-        let mut s = state(10..15);
-        let ours = s.propose().expect("ours");
-        assert_eq!(
-            s.agree(
-                &[recorded(stale, "old"), recorded(ours.clone(), "me")],
-                "me",
-                0
-            ),
-            Agreement::Agreed
-        );
-        assert_eq!(s.agreed().expect("agreed").0, &ours);
     }
 
     #[test]

@@ -17,8 +17,8 @@ pub struct Writer {
     client: Client,
     table: String,
     plans_table: String,
-    insert_timeout: Duration,
-    query_timeout: Duration,
+    /// Of one insert, and of each plan or id query.
+    timeout: Duration,
 }
 
 /// A row of `{clicks_table}_plans` as written (`planned_at` is the server's default).
@@ -54,8 +54,7 @@ impl Writer {
             client: base_client(config).with_database(&config.clickhouse_database),
             table: config.clickhouse_table.clone(),
             plans_table: format!("{}_plans", config.clickhouse_table),
-            insert_timeout: Duration::from_millis(config.insert_timeout_ms),
-            query_timeout: Duration::from_millis(config.insert_timeout_ms),
+            timeout: Duration::from_millis(config.insert_timeout_ms),
         }
     }
 
@@ -73,7 +72,7 @@ impl Writer {
             .await?
             .with_setting("async_insert", "0")
             .with_setting("insert_deduplicate", "0")
-            .with_timeouts(Some(self.query_timeout), Some(self.query_timeout));
+            .with_timeouts(Some(self.timeout), Some(self.timeout));
         for p in plans {
             insert
                 .write(&PlanRow {
@@ -120,7 +119,7 @@ impl Writer {
             .bind(topic)
             .with_setting(
                 "max_execution_time",
-                self.query_timeout.as_secs().max(1).to_string(),
+                self.timeout.as_secs().max(1).to_string(),
             )
             .with_setting("select_sequential_consistency", "1")
             .fetch_all()
@@ -162,7 +161,7 @@ impl Writer {
             .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1")
             // One block per plan: the token names the whole plan.
             .with_setting("max_insert_block_size", "10000000")
-            .with_timeouts(Some(self.insert_timeout), Some(self.insert_timeout));
+            .with_timeouts(Some(self.timeout), Some(self.timeout));
         let mut n = 0;
         for row in rows {
             insert.write(row).await?;
@@ -197,7 +196,7 @@ impl Writer {
             .bind(to_u64(range.hi))
             .with_setting(
                 "max_execution_time",
-                self.query_timeout.as_secs().max(1).to_string(),
+                self.timeout.as_secs().max(1).to_string(),
             )
             .fetch_all()
             .await
@@ -222,7 +221,7 @@ impl Writer {
             .bind(partition)
             .with_setting(
                 "max_execution_time",
-                self.query_timeout.as_secs().max(1).to_string(),
+                self.timeout.as_secs().max(1).to_string(),
             )
             .fetch_all()
             .await
