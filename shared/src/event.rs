@@ -31,6 +31,10 @@ pub struct ClickEvent {
     pub is_bot: bool,
     /// When ingest accepted the click, Unix milliseconds.
     pub received_at_ms: u64,
+    /// The account owning `code` when ingest accepted the click (stamped so analytics
+    /// join nothing at query time). Added within v1: absent in older events.
+    #[serde(default)]
+    pub account_id: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -51,6 +55,7 @@ impl ClickEvent {
         key_id: &str,
         is_bot: bool,
         received_at_ms: u64,
+        account_id: &str,
     ) -> Self {
         Self {
             v: EVENT_VERSION,
@@ -65,6 +70,7 @@ impl ClickEvent {
             key_id: key_id.to_owned(),
             is_bot,
             received_at_ms,
+            account_id: account_id.to_owned(),
         }
     }
 
@@ -110,6 +116,9 @@ impl ClickEvent {
         if !is_valid_key_id(&event.key_id) {
             return Err(invalid("key_id")("must be 1 to 32 of A-Za-z0-9_-".into()));
         }
+        if !event.account_id.is_empty() {
+            crate::registry::check_account_id(&event.account_id).map_err(invalid("account_id"))?;
+        }
         Ok(event)
     }
 }
@@ -136,7 +145,15 @@ mod tests {
         )
         .expect("json");
         let click = validate(&input, 12).expect("valid");
-        ClickEvent::new(&click, &[1; 32], &[2; 32], "k1", false, 1_700_000_000_123)
+        ClickEvent::new(
+            &click,
+            &[1; 32],
+            &[2; 32],
+            "k1",
+            false,
+            1_700_000_000_123,
+            "acct_1",
+        )
     }
 
     #[test]

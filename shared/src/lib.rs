@@ -8,6 +8,8 @@ pub mod event;
 pub mod hashing;
 pub mod kafka_properties;
 pub mod metric_names;
+pub mod plans;
+pub mod registry;
 pub mod telemetry;
 
 /// Milliseconds since the Unix epoch.

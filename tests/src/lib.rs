@@ -878,6 +878,7 @@ pub fn sample_event(click_id: &str, code: &str, landing_path: &str, is_bot: bool
         key_id: "k1".into(),
         is_bot,
         received_at_ms: shared::now_ms(),
+        account_id: String::new(),
     }
     .encode()
 }

@@ -1,0 +1,477 @@
+//! The referral-program registry: accounts and codes (SPEC "Referral programs").
+//!
+//! Two compacted Kafka topics hold it, and any backend may write them:
+//! * `referral_accounts`, key = account id, value = [`AccountRecord`] as JSON;
+//! * `referral_codes`, key = the normalized code, value = [`CodeRecord`] as JSON;
+//!
+//! a message without a value (a tombstone) deletes its key. `v` is the major version, as
+//! in the click event: unknown fields are ignored within it, another major is refused.
+//!
+//! [`Registry`] is the in-memory view every ingest instance holds: applying the topics'
+//! messages in order gives the latest state of every key. Invariants: a malformed message
+//! changes nothing (the caller logs and counts it and goes on with the next one); a code
+//! resolves only while it is active, its account exists, is active and has a plan of the
+//! catalogue. Memory is about 25–50 bytes per code of up to 24 characters (a packed key,
+//! no allocation per code), which keeps a million codes well under 64 MiB.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::click::MAX_CODE_LEN;
+use crate::plans::Catalogue;
+
+pub const ACCOUNTS_TOPIC: &str = "referral_accounts";
+pub const CODES_TOPIC: &str = "referral_codes";
+/// Refused-click counts per account and limit, published by ingest (not the clicks).
+pub const REFUSALS_TOPIC: &str = "referral_refusals";
+pub const RECORD_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountStatus {
+    Active,
+    Suspended,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CodeStatus {
+    Active,
+    Disabled,
+}
+
+/// The value of a `referral_accounts` message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    pub v: u32,
+    pub plan: String,
+    pub overage: bool,
+    pub status: AccountStatus,
+    /// When the writer made this version, Unix milliseconds (informational).
+    #[serde(default)]
+    pub updated_at_ms: u64,
+}
+
+/// The value of a `referral_codes` message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeRecord {
+    pub v: u32,
+    pub account: String,
+    pub status: CodeStatus,
+    #[serde(default)]
+    pub updated_at_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("malformed key: {0}")]
+    Key(String),
+    #[error("malformed value: {0}")]
+    Malformed(String),
+    #[error("unsupported record version {0}")]
+    Version(u32),
+    #[error("unknown plan {0:?}")]
+    UnknownPlan(String),
+}
+
+impl RecordError {
+    /// A low-cardinality label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Key(_) => "key",
+            Self::Malformed(_) => "malformed",
+            Self::Version(_) => "version",
+            Self::UnknownPlan(_) => "unknown_plan",
+        }
+    }
+}
+
+/// 1–64 of `A-Za-z0-9_-`: safe in logs, URLs, SQL literals and Redis keys.
+pub fn check_account_id(id: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err("an account id must be 1 to 64 of A-Za-z0-9_-".into())
+    }
+}
+
+/// A stored code: upper-case letters and digits, 1 to [`MAX_CODE_LEN`].
+pub fn check_code(code: &str) -> Result<(), String> {
+    crate::click::ReferralCode::parse_normalized(code).map(drop)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(value: &[u8]) -> Result<T, RecordError> {
+    #[derive(Deserialize)]
+    struct Major {
+        v: u32,
+    }
+    let position = |e: serde_json::Error| {
+        RecordError::Malformed(format!(
+            "line {} column {}: {:?}",
+            e.line(),
+            e.column(),
+            e.classify()
+        ))
+    };
+    let major: Major = serde_json::from_slice(value).map_err(position)?;
+    if major.v != RECORD_VERSION {
+        return Err(RecordError::Version(major.v));
+    }
+    serde_json::from_slice(value).map_err(position)
+}
+
+impl AccountRecord {
+    pub fn new(plan: &str, overage: bool, status: AccountStatus) -> Self {
+        Self {
+            v: RECORD_VERSION,
+            plan: plan.to_owned(),
+            overage,
+            status,
+            updated_at_ms: crate::now_ms(),
+        }
+    }
+
+    pub fn decode(value: &[u8]) -> Result<Self, RecordError> {
+        decode(value)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+impl CodeRecord {
+    pub fn new(account: &str, status: CodeStatus) -> Self {
+        Self {
+            v: RECORD_VERSION,
+            account: account.to_owned(),
+            status,
+            updated_at_ms: crate::now_ms(),
+        }
+    }
+
+    pub fn decode(value: &[u8]) -> Result<Self, RecordError> {
+        let record: Self = decode(value)?;
+        check_account_id(&record.account).map_err(RecordError::Malformed)?;
+        Ok(record)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+fn key_str(key: Option<&[u8]>) -> Result<&str, RecordError> {
+    std::str::from_utf8(key.unwrap_or_default()).map_err(|_| RecordError::Key("not UTF-8".into()))
+}
+
+/// What a click's code resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub account_id: Arc<str>,
+    /// Index into the [`Catalogue`].
+    pub plan: usize,
+    pub overage: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AccountState {
+    plan: u32,
+    overage: bool,
+    active: bool,
+}
+
+#[derive(Debug)]
+struct AccountSlot {
+    id: Arc<str>,
+    state: Option<AccountState>,
+}
+
+/// A code's account slot, with the code's status in the top bit.
+#[derive(Debug, Clone, Copy)]
+struct CodeEntry(u32);
+
+const ACTIVE_BIT: u32 = 1 << 31;
+
+impl CodeEntry {
+    fn new(slot: u32, active: bool) -> Self {
+        Self(slot | if active { ACTIVE_BIT } else { 0 })
+    }
+    fn slot(self) -> usize {
+        (self.0 & !ACTIVE_BIT) as usize
+    }
+    fn active(self) -> bool {
+        self.0 & ACTIVE_BIT != 0
+    }
+}
+
+/// Codes of up to 24 characters of `A-Z0-9` packed base 37 into 128 bits.
+fn pack(code: &str) -> Option<[u64; 2]> {
+    if code.len() > 24 {
+        return None;
+    }
+    let mut n: u128 = 0;
+    for b in code.bytes() {
+        let digit = match b {
+            b'A'..=b'Z' => b - b'A' + 1,
+            b'0'..=b'9' => b - b'0' + 27,
+            _ => return None,
+        };
+        n = n * 37 + u128::from(digit);
+    }
+    Some([(n >> 64) as u64, n as u64])
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    accounts: Vec<AccountSlot>,
+    account_index: HashMap<Arc<str>, u32>,
+    short_codes: HashMap<[u64; 2], CodeEntry>,
+    long_codes: HashMap<Box<str>, CodeEntry>,
+}
+
+impl Registry {
+    /// Applies one `referral_accounts` message. On error nothing changes.
+    pub fn apply_account(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        catalogue: &Catalogue,
+    ) -> Result<(), RecordError> {
+        let id = key_str(key)?;
+        check_account_id(id).map_err(RecordError::Key)?;
+        let state = match value {
+            None => None,
+            Some(v) => {
+                let record = AccountRecord::decode(v)?;
+                let plan = catalogue
+                    .index_of(&record.plan)
+                    .ok_or_else(|| RecordError::UnknownPlan(record.plan.clone()))?;
+                Some(AccountState {
+                    plan: plan as u32,
+                    overage: record.overage,
+                    active: record.status == AccountStatus::Active,
+                })
+            }
+        };
+        let slot = self.slot_of(id);
+        self.accounts[slot as usize].state = state;
+        Ok(())
+    }
+
+    /// Applies one `referral_codes` message. On error nothing changes.
+    pub fn apply_code(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<(), RecordError> {
+        let code = key_str(key)?;
+        check_code(code).map_err(RecordError::Key)?;
+        let entry = match value {
+            None => None,
+            Some(v) => {
+                let record = CodeRecord::decode(v)?;
+                let slot = self.slot_of(&record.account);
+                Some(CodeEntry::new(slot, record.status == CodeStatus::Active))
+            }
+        };
+        match (pack(code), entry) {
+            (Some(k), Some(e)) => {
+                self.short_codes.insert(k, e);
+            }
+            (Some(k), None) => {
+                self.short_codes.remove(&k);
+            }
+            (None, Some(e)) => {
+                self.long_codes.insert(code.into(), e);
+            }
+            (None, None) => {
+                self.long_codes.remove(code);
+            }
+        }
+        Ok(())
+    }
+
+    fn slot_of(&mut self, id: &str) -> u32 {
+        if let Some(&slot) = self.account_index.get(id) {
+            return slot;
+        }
+        let slot = self.accounts.len() as u32;
+        let id: Arc<str> = id.into();
+        self.accounts.push(AccountSlot {
+            id: Arc::clone(&id),
+            state: None,
+        });
+        self.account_index.insert(id, slot);
+        slot
+    }
+
+    /// The account of an active code whose account is active; `None` for an unknown or
+    /// disabled code and for a suspended or deleted account (one answer for all).
+    pub fn resolve(&self, code: &str) -> Option<Resolved> {
+        let entry = match pack(code) {
+            Some(k) => self.short_codes.get(&k),
+            None if code.len() <= MAX_CODE_LEN => self.long_codes.get(code),
+            None => None,
+        }?;
+        if !entry.active() {
+            return None;
+        }
+        let slot = self.accounts.get(entry.slot())?;
+        let state = slot.state.filter(|s| s.active)?;
+        Some(Resolved {
+            account_id: Arc::clone(&slot.id),
+            plan: state.plan as usize,
+            overage: state.overage,
+        })
+    }
+
+    /// Whether the account exists (any status): the operator commands' check.
+    pub fn has_account(&self, id: &str) -> bool {
+        self.account_index
+            .get(id)
+            .is_some_and(|&s| self.accounts[s as usize].state.is_some())
+    }
+
+    /// Whether the code exists (any status).
+    pub fn has_code(&self, code: &str) -> bool {
+        match pack(code) {
+            Some(k) => self.short_codes.contains_key(&k),
+            None => self.long_codes.contains_key(code),
+        }
+    }
+
+    pub fn code_count(&self) -> usize {
+        self.short_codes.len() + self.long_codes.len()
+    }
+
+    pub fn account_count(&self) -> usize {
+        self.accounts.iter().filter(|a| a.state.is_some()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalogue() -> Catalogue {
+        Catalogue::parse(include_bytes!("../../deploy/plans/catalogue.json")).expect("catalogue")
+    }
+
+    fn account(plan: &str, status: &str) -> Vec<u8> {
+        format!(r#"{{"v":1,"plan":"{plan}","overage":false,"status":"{status}"}}"#).into_bytes()
+    }
+
+    fn code(account: &str, status: &str) -> Vec<u8> {
+        format!(r#"{{"v":1,"account":"{account}","status":"{status}"}}"#).into_bytes()
+    }
+
+    #[test]
+    fn a_code_resolves_only_while_it_and_its_account_are_active() {
+        let c = catalogue();
+        let mut r = Registry::default();
+        let k = Some(&b"A1B2C3D4E5F6"[..]);
+        // Code before its account (topics are read independently): not resolvable yet.
+        r.apply_code(k, Some(&code("acct_1", "active")))
+            .expect("code");
+        assert_eq!(r.resolve("A1B2C3D4E5F6"), None);
+        r.apply_account(Some(b"acct_1"), Some(&account("pro", "active")), &c)
+            .expect("account");
+        let got = r.resolve("A1B2C3D4E5F6").expect("resolves");
+        assert_eq!(
+            (&*got.account_id, got.plan),
+            ("acct_1", c.index_of("pro").expect("pro"))
+        );
+
+        r.apply_code(k, Some(&code("acct_1", "disabled")))
+            .expect("disable");
+        assert_eq!(r.resolve("A1B2C3D4E5F6"), None);
+        r.apply_code(k, Some(&code("acct_1", "active")))
+            .expect("re-activate");
+        r.apply_account(Some(b"acct_1"), Some(&account("pro", "suspended")), &c)
+            .expect("suspend");
+        assert_eq!(r.resolve("A1B2C3D4E5F6"), None);
+        r.apply_account(Some(b"acct_1"), Some(&account("free", "active")), &c)
+            .expect("reinstate");
+        assert!(r.resolve("A1B2C3D4E5F6").is_some());
+        r.apply_account(Some(b"acct_1"), None, &c)
+            .expect("account tombstone");
+        assert_eq!(r.resolve("A1B2C3D4E5F6"), None);
+        assert!(r.has_code("A1B2C3D4E5F6"));
+        r.apply_code(k, None).expect("code tombstone");
+        assert!(!r.has_code("A1B2C3D4E5F6"));
+        assert_eq!(r.resolve("UNKNOWNCODE1"), None);
+    }
+
+    #[test]
+    fn malformed_messages_change_nothing() {
+        let c = catalogue();
+        let mut r = Registry::default();
+        r.apply_account(Some(b"acct_1"), Some(&account("pro", "active")), &c)
+            .expect("account");
+        r.apply_code(Some(b"CODE1"), Some(&code("acct_1", "active")))
+            .expect("code");
+        let errors = [
+            r.apply_account(Some(b"acct_1"), Some(b"{not json"), &c),
+            r.apply_account(Some(b"acct_1"), Some(&account("platinum", "active")), &c),
+            r.apply_account(Some(b"acct_1"), Some(br#"{"v":2,"plan":"free"}"#), &c),
+            r.apply_account(Some(b"bad id!"), Some(&account("pro", "active")), &c),
+            r.apply_account(None, Some(&account("pro", "active")), &c),
+            r.apply_code(Some(b"CODE1"), Some(&code("acct_1", "gone"))),
+            r.apply_code(Some(b"CODE1"), Some(&code("bad id!", "active"))),
+            r.apply_code(Some(b"lower"), Some(&code("acct_1", "active"))),
+            r.apply_code(Some(&[0xff, 0xfe]), None),
+        ];
+        let labels: Vec<_> = errors
+            .iter()
+            .map(|e| e.as_ref().expect_err("refused").label())
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "malformed",
+                "unknown_plan",
+                "version",
+                "key",
+                "key",
+                "malformed",
+                "malformed",
+                "key",
+                "key"
+            ]
+        );
+        let got = r.resolve("CODE1").expect("unchanged");
+        assert_eq!(got.plan, c.index_of("pro").expect("pro"));
+        // Unknown fields within the major version are fine (a newer writer).
+        r.apply_account(
+            Some(b"acct_1"),
+            Some(br#"{"v":1,"plan":"free","overage":false,"status":"active","region":"eu"}"#),
+            &c,
+        )
+        .expect("newer minor");
+    }
+
+    #[test]
+    fn long_and_short_codes_are_kept_apart_and_packing_is_injective() {
+        let mut r = Registry::default();
+        let c = catalogue();
+        r.apply_account(Some(b"a"), Some(&account("pro", "active")), &c)
+            .expect("account");
+        let long = "Z".repeat(40);
+        for k in ["A", "AA", "A0", "0A", "Z9", &"9".repeat(24), &long] {
+            r.apply_code(Some(k.as_bytes()), Some(&code("a", "active")))
+                .expect(k);
+        }
+        assert_eq!(r.code_count(), 7);
+        assert!(r.resolve(&long).is_some() && r.resolve(&"Z".repeat(39)).is_none());
+        assert!(r.resolve("AAA").is_none() && r.resolve("B").is_none());
+        assert_ne!(pack("A0"), pack("0A"));
+        assert_ne!(pack("A"), pack("AA"));
+    }
+}
