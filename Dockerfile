@@ -9,6 +9,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 app
 COPY --from=build /src/target/release/ingest /src/target/release/consumer /usr/local/bin/
+# The plan catalogue, replaceable by mounting another file here.
+COPY deploy/plans/catalogue.json /app/deploy/plans/catalogue.json
 USER app
 ENV LOG_FORMAT=json
 ENTRYPOINT []

@@ -19,14 +19,58 @@ pub struct Cli {
     pub config: Config,
 }
 
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Consume until SIGTERM (the default).
     Run,
-    /// Create the topics and apply the ClickHouse migrations, then exit.
+    /// Create the topics (clicks, dead letters, registry, refusals) and apply the
+    /// ClickHouse migrations, then exit.
     Setup,
     /// Apply the ClickHouse migrations, then exit.
     Migrate,
+    /// Referral-program accounts (the `referral_accounts` topic).
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
+    /// Referral codes (the `referral_codes` topic).
+    #[command(subcommand)]
+    Codes(CodesCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum AccountsCommand {
+    /// Creates or changes an account; flags left out keep their current value (for a
+    /// new account: the plan's overage default and `active`).
+    Set {
+        account: String,
+        #[arg(long)]
+        plan: String,
+        #[arg(long, value_parser = on_off)]
+        overage: Option<bool>,
+        #[arg(long, value_parser = ["active", "suspended"])]
+        status: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CodesCommand {
+    /// Adds a code to an account, or re-activates it (a code moves to the named account).
+    Add {
+        code: String,
+        #[arg(long)]
+        account: String,
+    },
+    /// Disables a code: its clicks get 400 `unknown referral code`.
+    Disable { code: String },
+    /// Adds every `code,account` line of a CSV file, or nothing when any line is bad.
+    Import { file: std::path::PathBuf },
+}
+
+fn on_off(v: &str) -> Result<bool, String> {
+    match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err("must be on or off".into()),
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -248,6 +292,32 @@ pub struct Config {
     )]
     pub rejoin_idle_secs: u64,
 
+    /// The registry's accounts topic (compacted).
+    #[arg(long, env = "CONSUMER_ACCOUNTS_TOPIC", default_value = shared::registry::ACCOUNTS_TOPIC, global = true)]
+    pub accounts_topic: String,
+
+    /// The registry's codes topic (compacted).
+    #[arg(long, env = "CONSUMER_CODES_TOPIC", default_value = shared::registry::CODES_TOPIC, global = true)]
+    pub codes_topic: String,
+
+    /// Refused-click counts published by ingest.
+    #[arg(long, env = "CONSUMER_REFUSALS_TOPIC", default_value = shared::registry::REFUSALS_TOPIC, global = true)]
+    pub refusals_topic: String,
+
+    /// The plan catalogue (validated at start; written to ClickHouse's `plans` table);
+    /// default: the copy built into the binary (deploy/plans/catalogue.json).
+    #[arg(long, env = "CONSUMER_PLANS_FILE", global = true)]
+    pub plans_file: Option<std::path::PathBuf>,
+
+    /// Length of referral codes (as ingest's INGEST_CODE_LENGTH): the commands refuse others.
+    #[arg(
+        long,
+        env = "CONSUMER_CODE_LENGTH",
+        default_value_t = 12,
+        global = true
+    )]
+    pub code_length: usize,
+
     /// Apply migrations when `run` starts.
     #[arg(long, env = "CONSUMER_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub migrate_on_start: bool,
@@ -296,6 +366,26 @@ impl Config {
         }
         self.kafka_properties
             .refuse("CONSUMER_KAFKA_PROPERTIES", CONSUMER_PROTECTED)?;
+        let registry = [
+            &self.accounts_topic,
+            &self.codes_topic,
+            &self.refusals_topic,
+        ];
+        if registry
+            .iter()
+            .any(|t| t.is_empty() || **t == self.kafka_topic || **t == self.dlq_topic)
+            || registry[0] == registry[1]
+            || registry[1] == registry[2]
+            || registry[0] == registry[2]
+        {
+            return Err("CONSUMER_ACCOUNTS_TOPIC, CONSUMER_CODES_TOPIC, CONSUMER_REFUSALS_TOPIC: must be set and differ from each other and from the click topics".into());
+        }
+        if !(1..=shared::click::MAX_CODE_LEN).contains(&self.code_length) {
+            return Err(format!(
+                "CONSUMER_CODE_LENGTH: 1 to {}",
+                shared::click::MAX_CODE_LEN
+            ));
+        }
         if self.group_id.is_empty() {
             return Err("CONSUMER_GROUP_ID: must not be empty".into());
         }

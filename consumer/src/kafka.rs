@@ -93,7 +93,7 @@ impl ConsumerContext for Context {
 pub type Consumer = StreamConsumer<Context>;
 
 /// Brokers plus the operator's extra properties (validated: none of the protected keys).
-fn client_config(config: &Config) -> ClientConfig {
+pub(crate) fn client_config(config: &Config) -> ClientConfig {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &config.kafka_brokers);
     for (k, v) in config.kafka_properties.iter() {
@@ -248,6 +248,15 @@ pub async fn create_topics(config: &Config) -> anyhow::Result<()> {
             config.topic_partitions.min(4),
             replication(),
         ),
+        // The registry: the latest message of each key is all that matters.
+        NewTopic::new(&config.accounts_topic, 1, replication()).set("cleanup.policy", "compact"),
+        NewTopic::new(
+            &config.codes_topic,
+            config.topic_partitions.min(4),
+            replication(),
+        )
+        .set("cleanup.policy", "compact"),
+        NewTopic::new(&config.refusals_topic, 1, replication()),
     ];
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics(&topics, &options).await? {

@@ -8,6 +8,7 @@ pub mod ops;
 pub mod partition;
 pub mod pipeline;
 pub mod plan;
+pub mod registry;
 pub mod row;
 pub mod writer;
 
@@ -24,17 +25,22 @@ pub async fn main(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    let catalogue = shared::plans::Catalogue::load_or_builtin(config.plans_file.as_deref())
+        .map_err(|e| anyhow::anyhow!("CONSUMER_PLANS_FILE: {e}"))?;
     match command {
-        Command::Migrate => migrate(&config).await,
+        Command::Migrate => migrate(&config, &catalogue).await,
         Command::Setup => {
             kafka::create_topics(&config).await?;
-            migrate(&config).await
+            migrate(&config, &catalogue).await
         }
-        Command::Run => run(config, shutdown).await,
+        Command::Accounts(cmd) => registry::accounts(&config, &catalogue, cmd).await,
+        Command::Codes(cmd) => registry::codes(&config, cmd).await,
+        Command::Run => run(config, Arc::new(catalogue), shutdown).await,
     }
 }
 
-async fn migrate(config: &Config) -> anyhow::Result<()> {
+/// Applies the migrations and writes the plan catalogue (the billing views price from it).
+async fn migrate(config: &Config, catalogue: &shared::plans::Catalogue) -> anyhow::Result<()> {
     let client = writer::base_client(config);
     let applied = migrations::apply(
         &client,
@@ -42,12 +48,14 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
         &config.clickhouse_table,
     )
     .await?;
-    tracing::info!(?applied, database = %config.clickhouse_database, "migrations up to date");
+    registry::store_catalogue(config, catalogue).await?;
+    tracing::info!(?applied, database = %config.clickhouse_database, plans = %catalogue.names(), "migrations up to date");
     Ok(())
 }
 
 async fn run(
     config: Config,
+    catalogue: Arc<shared::plans::Catalogue>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = shared::telemetry::install_metrics().map_err(anyhow::Error::msg)?;
@@ -65,7 +73,7 @@ async fn run(
     if config.migrate_on_start {
         // ClickHouse may still be starting: retry instead of failing the process.
         let mut wait = std::time::Duration::from_millis(200);
-        while let Err(e) = migrate(&config).await {
+        while let Err(e) = migrate(&config, &catalogue).await {
             tracing::warn!(error = %e, "migrations not applied yet; retrying");
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(std::time::Duration::from_secs(10));
@@ -89,9 +97,15 @@ async fn run(
         shutdown.await;
         trigger.cancel();
     });
+    let mirror = tokio::spawn(registry::mirror(
+        config.clone(),
+        Arc::clone(&catalogue),
+        stop.clone(),
+    ));
     let result = pipeline::Pipeline::new(config, consumer, dlq, writer)
         .run(stop)
         .await;
+    let _ = mirror.await;
     stop_ops.cancel();
     result
 }

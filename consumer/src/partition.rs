@@ -332,6 +332,7 @@ mod tests {
             kafka_topic: "t".into(),
             kafka_partition: 0,
             kafka_offset: o,
+            account_id: "acct_1".into(),
         }
     }
 

@@ -48,6 +48,7 @@ pub struct ClickRow {
     pub kafka_topic: String,
     pub kafka_partition: u16,
     pub kafka_offset: u64,
+    pub account_id: String,
 }
 
 impl ClickRow {
@@ -76,6 +77,7 @@ impl ClickRow {
             kafka_partition: u16::try_from(partition)
                 .map_err(|_| Rejection::OutOfRange("partition"))?,
             kafka_offset: u64::try_from(offset).map_err(|_| Rejection::OutOfRange("offset"))?,
+            account_id: event.account_id,
         })
     }
 }

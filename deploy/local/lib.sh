@@ -16,6 +16,7 @@ KAFKA_PORT=${LOCAL_KAFKA_PORT:-9092}
 CH_HTTP_PORT=${LOCAL_CLICKHOUSE_HTTP_PORT:-8123}
 CH_TCP_PORT=${LOCAL_CLICKHOUSE_TCP_PORT:-9000}
 PROM_PORT=${LOCAL_PROMETHEUS_PORT:-9090}
+REDIS_PORT=${LOCAL_REDIS_PORT:-6379}
 INGEST_PORT=${LOCAL_INGEST_PORT:-8080}
 CONSUMER_PORT=${LOCAL_CONSUMER_PORT:-9101}
 TANSU_VERSION=0.6.0
@@ -25,6 +26,7 @@ CHDB_VENV=${LOCAL_CHDB_VENV:-$STATE/chdb-venv}
 
 KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
 CLICKHOUSE_URL=http://127.0.0.1:$CH_HTTP_PORT
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 
 log() { printf '\033[1m[local]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[31m[local] error:\033[0m %s\n' "$*" >&2; exit 1; }
@@ -85,6 +87,8 @@ install_services() {
   apt_install curl curl ca-certificates
   install_clickhouse
   apt_install prometheus prometheus
+  # Shared plan-limit counters of the ingest instances.
+  apt_install redis-server redis-server
   install_tansu
 }
 
@@ -188,14 +192,28 @@ start_prometheus() {
   wait_until prometheus 60 http_ok "http://127.0.0.1:$PROM_PORT/-/ready"
 }
 
+redis_ping() { [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
+
+start_redis() {
+  local dir=$STATE/redis
+  mkdir -p "$dir"
+  port_free redis "$REDIS_PORT"
+  # Append-only file: the day and month counters of the plan limits survive a restart.
+  start redis "$dir" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$dir" \
+    --appendonly yes --save '' --daemonize no --protected-mode yes
+  wait_until redis 30 redis_ping
+}
+
 start_backing_services() {
   start_broker
   start_clickhouse
+  start_redis
   start_prometheus
 }
 
 stop_backing_services() {
   stop prometheus
+  stop redis
   stop clickhouse
   stop broker
 }

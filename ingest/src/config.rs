@@ -129,6 +129,58 @@ pub struct Config {
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "INGEST_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
+
+    /// The registry's accounts topic (compacted; read whole at start, then followed).
+    #[arg(long, env = "INGEST_ACCOUNTS_TOPIC", default_value = shared::registry::ACCOUNTS_TOPIC)]
+    pub accounts_topic: String,
+
+    /// The registry's codes topic (compacted; read whole at start, then followed).
+    #[arg(long, env = "INGEST_CODES_TOPIC", default_value = shared::registry::CODES_TOPIC)]
+    pub codes_topic: String,
+
+    /// Where refused-click counts per account and limit are published (counts, not clicks).
+    #[arg(long, env = "INGEST_REFUSALS_TOPIC", default_value = shared::registry::REFUSALS_TOPIC)]
+    pub refusals_topic: String,
+
+    /// How often the refusal counts are published, in seconds.
+    #[arg(long, env = "INGEST_REFUSALS_INTERVAL_SECS", default_value_t = 5)]
+    pub refusals_interval_secs: u64,
+
+    /// The plan catalogue (JSON, see deploy/plans/catalogue.json); empty: the copy built
+    /// into the binary.
+    #[arg(long, env = "INGEST_PLANS_FILE")]
+    pub plans_file: Option<std::path::PathBuf>,
+
+    /// Plan limits per account (rate, daily cap, included credits): `on` or `off`.
+    #[arg(long, env = "INGEST_PLAN_LIMITS", value_enum, default_value = "on")]
+    pub plan_limits: OnOff,
+
+    /// Redis holding the limit counters all ingest instances share.
+    #[arg(
+        long,
+        env = "INGEST_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+
+    /// Prefix of the keys ingest writes in Redis.
+    #[arg(long, env = "INGEST_REDIS_PREFIX", default_value = "refclk:")]
+    pub redis_prefix: String,
+
+    /// How long a click may wait for Redis before this instance decides alone (its share).
+    #[arg(long, env = "INGEST_LIMITS_REDIS_TIMEOUT_MS", default_value_t = 20)]
+    pub limits_redis_timeout_ms: u64,
+
+    /// Ingest instances to assume at least when sharing limits without Redis.
+    #[arg(long, env = "INGEST_LIMITS_EXPECTED_INSTANCES", default_value_t = 1)]
+    pub limits_expected_instances: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -166,6 +218,7 @@ fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
 pub struct Validated {
     pub hasher: KeyedHasher,
     pub cors: CorsOrigins,
+    pub catalogue: std::sync::Arc<shared::plans::Catalogue>,
 }
 
 #[derive(Debug, Clone)]
@@ -252,11 +305,56 @@ impl Config {
             }
             CorsOrigins::List(origins)
         };
-        Ok(Validated { hasher, cors })
+        let catalogue = shared::plans::Catalogue::load_or_builtin(self.plans_file.as_deref())
+            .map_err(|e| format!("INGEST_PLANS_FILE: {e}"))?;
+        let topics = [
+            &self.kafka_topic,
+            &self.accounts_topic,
+            &self.codes_topic,
+            &self.refusals_topic,
+        ];
+        for (i, t) in topics.iter().enumerate() {
+            if t.is_empty() || topics[..i].contains(t) {
+                return Err("INGEST_KAFKA_TOPIC, INGEST_ACCOUNTS_TOPIC, INGEST_CODES_TOPIC, INGEST_REFUSALS_TOPIC: must be set and all differ".into());
+            }
+        }
+        if !(1..=3600).contains(&self.refusals_interval_secs) {
+            return Err("INGEST_REFUSALS_INTERVAL_SECS: must be 1 to 3600".into());
+        }
+        redis::Client::open(self.redis_url.as_str())
+            .map_err(|e| format!("INGEST_REDIS_URL: {e}"))?;
+        if !self
+            .redis_prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-:.".contains(&b))
+        {
+            return Err("INGEST_REDIS_PREFIX: letters, digits and _-:. only".into());
+        }
+        if !(1..=10_000).contains(&self.limits_redis_timeout_ms) {
+            return Err("INGEST_LIMITS_REDIS_TIMEOUT_MS: must be 1 to 10000".into());
+        }
+        if self.limits_expected_instances == 0 {
+            return Err("INGEST_LIMITS_EXPECTED_INSTANCES: must be at least 1".into());
+        }
+        Ok(Validated {
+            hasher,
+            cors,
+            catalogue: std::sync::Arc::new(catalogue),
+        })
     }
 
     pub fn produce_timeout(&self) -> Duration {
         Duration::from_millis(self.produce_timeout_ms)
+    }
+
+    /// Brokers plus the operator's extra properties: the base of every Kafka client.
+    pub fn kafka_client(&self) -> rdkafka::ClientConfig {
+        let mut cc = rdkafka::ClientConfig::new();
+        cc.set("bootstrap.servers", &self.kafka_brokers);
+        for (k, v) in self.kafka_properties.iter() {
+            cc.set(k, v);
+        }
+        cc
     }
 }
 
@@ -315,6 +413,31 @@ mod tests {
         let mut args = base();
         args.extend(["--trusted-proxies", "10.0.0.0/8,not-an-ip"]);
         assert!(Config::try_parse_from(args).is_err());
+
+        for (flags, var) in [
+            (
+                &["--plans-file", "/nonexistent/plans.json"][..],
+                "INGEST_PLANS_FILE",
+            ),
+            (&["--redis-url", "nonsense://x"][..], "INGEST_REDIS_URL"),
+            (
+                &["--codes-topic", "referral_clicks"][..],
+                "INGEST_KAFKA_TOPIC",
+            ),
+            (
+                &["--limits-expected-instances", "0"][..],
+                "INGEST_LIMITS_EXPECTED_INSTANCES",
+            ),
+        ] {
+            let mut args = base();
+            args.extend(flags);
+            let err = Config::try_parse_from(args)
+                .expect("parses")
+                .validate()
+                .err()
+                .expect("invalid");
+            assert!(err.starts_with(var), "{err}");
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@ use serde::Serialize;
 
 use shared::click::FieldError;
 
+use crate::limits::Refusal;
+
 pub type Body = Full<Bytes>;
 
 #[derive(Debug)]
@@ -23,7 +25,7 @@ pub enum ApiError {
     RequestTimeout,
     PayloadTooLarge,
     UnsupportedMediaType(FieldError),
-    RateLimited(Duration),
+    RateLimited(Refusal),
     Unavailable(Duration),
     Internal,
 }
@@ -85,6 +87,10 @@ impl ApiError {
                 errors: std::slice::from_ref(error),
             })
             .ok(),
+            Self::RateLimited(r) => Some(match &r.plan {
+                Some(plan) => serde_json::json!({"limit": r.limit.name(), "plan": plan}),
+                None => serde_json::json!({"limit": r.limit.name()}),
+            }),
             _ => None,
         };
         let mut response = envelope(status, self.msg(), data);
@@ -93,7 +99,21 @@ impl ApiError {
             Self::MethodNotAllowed(allow) => {
                 headers.insert(ALLOW, HeaderValue::from_static(allow));
             }
-            Self::RateLimited(wait) | Self::Unavailable(wait) => {
+            Self::RateLimited(r) => {
+                let secs = retry_after_secs(r.retry_after);
+                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+                // draft-ietf-httpapi-ratelimit-headers-09: the policy that refused, and its
+                // state (nothing remaining, `t` seconds until a click would pass).
+                let name = r.limit.name();
+                let policy = format!("\"{name}\";q={};w={}", r.quota, r.window_secs);
+                let state = format!("\"{name}\";r=0;t={secs}");
+                for (header, value) in [("ratelimit-policy", policy), ("ratelimit", state)] {
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        headers.insert(header, v);
+                    }
+                }
+            }
+            Self::Unavailable(wait) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
             }
             _ => {}
@@ -140,6 +160,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_plan_refusal_names_its_limit_and_plan() {
+        let r = ApiError::RateLimited(Refusal {
+            limit: crate::limits::Limit::DailyCap,
+            plan: Some("free".into()),
+            retry_after: Duration::from_secs(3600),
+            quota: 500,
+            window_secs: 86_400,
+        })
+        .into_response();
+        assert_eq!(
+            r.headers()["ratelimit-policy"],
+            r#""daily_cap";q=500;w=86400"#
+        );
+        assert_eq!(r.headers()["ratelimit"], r#""daily_cap";r=0;t=3600"#);
+        assert_eq!(
+            json_of(r).await,
+            serde_json::json!({"code":429,"msg":"rate limit exceeded","data":{"limit":"daily_cap","plan":"free"}})
+        );
+    }
+
+    #[tokio::test]
     async fn invalid_params_lists_fields() {
         let r = ApiError::InvalidParams(vec![FieldError {
             field: "code",
@@ -159,7 +200,16 @@ mod tests {
             (ApiError::NotFound, 404),
             (ApiError::MethodNotAllowed("OPTIONS, POST"), 405),
             (ApiError::PayloadTooLarge, 413),
-            (ApiError::RateLimited(Duration::from_millis(1500)), 429),
+            (
+                ApiError::RateLimited(Refusal {
+                    limit: crate::limits::Limit::Ip,
+                    plan: None,
+                    retry_after: Duration::from_millis(1500),
+                    quota: 120,
+                    window_secs: 60,
+                }),
+                429,
+            ),
             (ApiError::Unavailable(Duration::from_secs(1)), 503),
             (ApiError::Internal, 500),
         ];
@@ -171,6 +221,10 @@ mod tests {
             }
             if code == 429 {
                 assert_eq!(r.headers()[RETRY_AFTER], "2");
+                assert_eq!(r.headers()["ratelimit-policy"], r#""ip";q=120;w=60"#);
+                assert_eq!(r.headers()["ratelimit"], r#""ip";r=0;t=2"#);
+                assert_eq!(json_of(r).await["data"], serde_json::json!({"limit": "ip"}));
+                continue;
             }
             if code == 503 {
                 assert_eq!(r.headers()[RETRY_AFTER], "1");

@@ -1,10 +1,14 @@
 //! Routing and handlers: `POST /api/v1/referrals/click` (+ CORS preflight), `/metrics`,
 //! `/healthz`, `/readyz`.
 //!
-//! Order of work for a click, cheapest refusal first: rate limit (429 costs nothing and
-//! publishes nothing), media type and declared length, bounded body read, decoding,
-//! validation, hashing, publish, and only after the broker's acknowledgement a 200.
-//! A panic anywhere in a handler becomes a 500 envelope, never a dropped connection.
+//! Order of work for a click, cheapest refusal first: per-IP rate limit (429 costs nothing
+//! and publishes nothing), registry loaded (else 503), media type and declared length,
+//! bounded body read, decoding, validation with the code looked up in the registry (an
+//! unknown, disabled or suspended-account code is a 400), the account's plan limits (429),
+//! hashing, publish, and only after the broker's acknowledgement a 200. A click refused
+//! after its plan token was taken (no broker acknowledgement) gives the token back: 4xx
+//! and 5xx are never charged. A panic anywhere in a handler becomes a 500 envelope, never
+//! a dropped connection.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -27,10 +31,14 @@ use crate::body;
 use crate::client_ip::client_ip;
 use crate::config::{Config, CorsOrigins, Validated};
 use crate::envelope::{envelope, ApiError, Body};
+use crate::limits::store::RedisStore;
+use crate::limits::{Limit, PlanLimiter, Refusal};
 use crate::producer::{ClickSink, PublishError};
 use crate::rate_limit::IpRateLimiter;
+use crate::refusals::RefusalCounts;
+use crate::registry::SharedRegistry;
 use shared::bot::BotDetector;
-use shared::click::{validate, ClickInput};
+use shared::click::{validate_with, ClickInput};
 use shared::event::ClickEvent;
 use shared::hashing::KeyedHasher;
 use shared::metric_names as m;
@@ -44,17 +52,25 @@ pub struct App<S> {
     cors: CorsOrigins,
     sink: Arc<S>,
     limiter: IpRateLimiter,
+    registry: Arc<SharedRegistry>,
+    /// `None` with `INGEST_PLAN_LIMITS=off`.
+    plan_limits: Option<Arc<PlanLimiter<RedisStore>>>,
+    refusals: Arc<RefusalCounts>,
     bots: BotDetector,
     metrics: Option<PrometheusHandle>,
 }
 
+/// What the app is built from besides its config.
+pub struct Parts<S> {
+    pub sink: Arc<S>,
+    pub registry: Arc<SharedRegistry>,
+    pub plan_limits: Option<Arc<PlanLimiter<RedisStore>>>,
+    pub refusals: Arc<RefusalCounts>,
+    pub metrics: Option<PrometheusHandle>,
+}
+
 impl<S: ClickSink> App<S> {
-    pub fn new(
-        config: Config,
-        validated: Validated,
-        sink: Arc<S>,
-        metrics: Option<PrometheusHandle>,
-    ) -> Self {
+    pub fn new(config: Config, validated: Validated, parts: Parts<S>) -> Self {
         let per_minute = std::num::NonZeroU32::new(config.rate_limit_per_minute)
             .unwrap_or(std::num::NonZeroU32::MIN);
         let burst =
@@ -64,10 +80,18 @@ impl<S: ClickSink> App<S> {
             config,
             hasher: validated.hasher,
             cors: validated.cors,
-            sink,
+            sink: parts.sink,
+            registry: parts.registry,
+            plan_limits: parts.plan_limits,
+            refusals: parts.refusals,
             bots: BotDetector::new(),
-            metrics,
+            metrics: parts.metrics,
         }
+    }
+
+    /// Ready: the broker is reachable and the registry is loaded.
+    fn is_ready(&self) -> bool {
+        self.sink.is_ready() && self.registry.is_ready()
     }
 
     pub fn limiter(&self) -> &IpRateLimiter {
@@ -124,7 +148,7 @@ impl<S: ClickSink> App<S> {
             ("/metrics", Method::GET | Method::HEAD) => self.metrics_text(),
             ("/healthz", Method::GET | Method::HEAD) => envelope(StatusCode::OK, "ok", None),
             ("/readyz", Method::GET | Method::HEAD) => {
-                if self.sink.is_ready() {
+                if self.is_ready() {
                     envelope(StatusCode::OK, "ok", None)
                 } else {
                     ApiError::Unavailable(Duration::from_secs(1)).into_response()
@@ -142,6 +166,9 @@ impl<S: ClickSink> App<S> {
         req: Request<Incoming>,
         peer: IpAddr,
     ) -> Result<Response<Body>, ApiError> {
+        // One clock reading per click: the limits decide on it and it is the click's
+        // `received_at`, so a click counts in the day (and window) it is stored under.
+        let now_ms = shared::now_ms();
         let ip = client_ip(
             peer,
             req.headers(),
@@ -150,7 +177,18 @@ impl<S: ClickSink> App<S> {
         );
         if let Err(wait) = self.limiter.check(ip) {
             metrics::counter!(m::RATE_LIMITED_TOTAL).increment(1);
-            return Err(ApiError::RateLimited(wait));
+            self.refusals.record(None, Limit::Ip, now_ms);
+            return Err(ApiError::RateLimited(Refusal {
+                limit: Limit::Ip,
+                plan: None,
+                retry_after: wait,
+                quota: u64::from(self.config.rate_limit_per_minute),
+                window_secs: 60,
+            }));
+        }
+        if !self.registry.is_ready() {
+            // Which codes exist is not known yet: refuse rather than guess.
+            return Err(ApiError::Unavailable(Duration::from_secs(1)));
         }
         let limit = self.config.body_limit_bytes;
         let encoding = body::check_headers(req.headers(), limit)?;
@@ -167,7 +205,23 @@ impl<S: ClickSink> App<S> {
         )
         .await?;
         let input = ClickInput::from_json(&raw).map_err(|e| ApiError::InvalidParams(vec![e]))?;
-        let click = validate(&input, self.config.code_length).map_err(ApiError::InvalidParams)?;
+        let (click, account) = validate_with(&input, self.config.code_length, |code| {
+            self.registry.resolve(code.as_str())
+        })
+        .map_err(ApiError::InvalidParams)?;
+
+        let ticket = match &self.plan_limits {
+            Some(limits) => match limits.check(&account, now_ms).await {
+                Ok(ticket) => Some(ticket),
+                Err(refusal) => {
+                    let plan = refusal.plan.as_deref().unwrap_or("");
+                    self.refusals
+                        .record(Some((&account.account_id, plan)), refusal.limit, now_ms);
+                    return Err(ApiError::RateLimited(refusal));
+                }
+            },
+            None => None,
+        };
 
         let ip_hash = self.hasher.hash(ip.to_string().as_bytes());
         let ua_hash = self.hasher.hash(&user_agent);
@@ -178,23 +232,28 @@ impl<S: ClickSink> App<S> {
             &ua_hash,
             self.hasher.key_id(),
             is_bot,
-            shared::now_ms(),
+            now_ms,
+            &account.account_id,
         );
 
         // Keyed by click id: random ids spread evenly over partitions, so one viral code
         // cannot make a partition hot, and a client retry (same id) lands in the same
         // partition, where the consumer recognizes it as the same click.
-        self.sink
+        let published = self
+            .sink
             .publish(click.click_id.as_str().as_bytes(), &event.encode())
-            .await
-            .map_err(|e| {
-                metrics::counter!(m::PRODUCE_ERRORS_TOTAL, "cause" => e.cause()).increment(1);
-                tracing::warn!(error = %e, "click not published");
-                ApiError::Unavailable(match e {
-                    PublishError::QueueFull => Duration::from_secs(1),
-                    _ => Duration::from_secs(5),
-                })
-            })?;
+            .await;
+        if let Err(e) = published {
+            if let (Some(limits), Some(ticket)) = (&self.plan_limits, ticket) {
+                limits.refund(ticket);
+            }
+            metrics::counter!(m::PRODUCE_ERRORS_TOTAL, "cause" => e.cause()).increment(1);
+            tracing::warn!(error = %e, "click not published");
+            return Err(ApiError::Unavailable(match e {
+                PublishError::QueueFull => Duration::from_secs(1),
+                _ => Duration::from_secs(5),
+            }));
+        }
         metrics::counter!(m::CLICKS_ACCEPTED_TOTAL).increment(1);
 
         let mut response = envelope(

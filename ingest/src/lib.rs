@@ -1,13 +1,17 @@
 //! `ingest`: the HTTP front of the referral click pipeline. Validates, sanitizes and
-//! hashes clicks and publishes them to Kafka; answers 2xx only after the broker's ack.
+//! hashes clicks, checks their code against the registry and their account's plan limits,
+//! and publishes them to Kafka; answers 2xx only after the broker's ack.
 
 pub mod body;
 pub mod client_ip;
 pub mod config;
 pub mod envelope;
 pub mod http;
+pub mod limits;
 pub mod producer;
 pub mod rate_limit;
+pub mod refusals;
+pub mod registry;
 pub mod server;
 
 use std::sync::Arc;
@@ -15,9 +19,13 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use config::Config;
-use http::App;
+use config::{Config, OnOff};
+use http::{App, Parts};
+use limits::store::RedisStore;
+use limits::{LimiterOptions, PlanLimiter};
 use producer::{ClickSink, KafkaSink};
+use refusals::RefusalCounts;
+use registry::SharedRegistry;
 
 /// Runs ingest until `shutdown` resolves, then drains and flushes.
 pub async fn run(
@@ -34,18 +42,60 @@ pub async fn run(
     }
     sink.spawn_health_checks(Duration::from_secs(2));
 
+    let catalogue = Arc::clone(&validated.catalogue);
+    let registry = Arc::new(SharedRegistry::new(Arc::clone(&catalogue)));
+    registry::spawn_followers(
+        &config.kafka_client(),
+        &registry::Topics {
+            accounts: config.accounts_topic.clone(),
+            codes: config.codes_topic.clone(),
+        },
+        &registry,
+    );
+    let plan_limits = match config.plan_limits {
+        OnOff::On => {
+            let timeout = Duration::from_millis(config.limits_redis_timeout_ms);
+            let store = RedisStore::new(
+                &config.redis_url,
+                &config.redis_prefix,
+                timeout.max(Duration::from_millis(250)),
+            )
+            .map_err(|e| anyhow::anyhow!("INGEST_REDIS_URL: {e}"))?;
+            let limiter = PlanLimiter::new(
+                Arc::new(store),
+                Arc::clone(&catalogue),
+                LimiterOptions {
+                    wait_budget: timeout,
+                    store_timeout: Duration::from_secs(1).max(timeout * 2),
+                    expected_instances: config.limits_expected_instances,
+                },
+            );
+            limiter.spawn_background();
+            Some(limiter)
+        }
+        OnOff::Off => None,
+    };
+    let refusals = Arc::new(RefusalCounts::new());
+    spawn_refusal_publisher(&config, &sink, &refusals);
+
     let listener = TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %listener.local_addr()?, topic = %config.kafka_topic, key_id = %validated.hasher.key_id(), "ingest listening");
+    tracing::info!(listen = %listener.local_addr()?, topic = %config.kafka_topic, key_id = %validated.hasher.key_id(), plans = %catalogue.names(), plan_limits = ?config.plan_limits, "ingest listening");
     let options = server::ServerOptions {
         header_timeout: Duration::from_millis(config.header_timeout_ms),
         shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
         max_connections: config.max_connections,
     };
+    let refusals_topic = config.refusals_topic.clone();
     let app = Arc::new(App::new(
         config,
         validated,
-        Arc::clone(&sink),
-        Some(metrics),
+        Parts {
+            sink: Arc::clone(&sink),
+            registry,
+            plan_limits: plan_limits.clone(),
+            refusals: Arc::clone(&refusals),
+            metrics: Some(metrics),
+        },
     ));
 
     let limiter = app.limiter().clone();
@@ -58,8 +108,51 @@ pub async fn run(
     });
 
     server::serve(listener, app, options, shutdown).await;
+    publish_refusals(&sink, &refusals_topic, &refusals).await;
+    if let Some(limits) = plan_limits {
+        limits.leave().await;
+    }
     tracing::info!("flushing the producer");
     sink.flush(Duration::from_secs(30)).await;
     tracing::info!("ingest stopped");
     Ok(())
+}
+
+fn spawn_refusal_publisher(config: &Config, sink: &Arc<KafkaSink>, refusals: &Arc<RefusalCounts>) {
+    let (sink, refusals) = (Arc::clone(sink), Arc::clone(refusals));
+    let topic = config.refusals_topic.clone();
+    let every = Duration::from_secs(config.refusals_interval_secs);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            publish_refusals(&sink, &topic, &refusals).await;
+        }
+    });
+}
+
+async fn publish_refusals(sink: &KafkaSink, topic: &str, refusals: &RefusalCounts) {
+    let messages = refusals.take();
+    if messages.is_empty() {
+        return;
+    }
+    let sends = messages
+        .iter()
+        .map(|(id, payload)| sink.publish_to(topic, id, payload, Duration::from_secs(10)));
+    let results = futures::future::join_all(sends).await;
+    let failed: Vec<(String, Vec<u8>)> = messages
+        .into_iter()
+        .zip(results)
+        .filter(|(_, r)| r.is_err())
+        .map(|(m, _)| m)
+        .collect();
+    if !failed.is_empty() {
+        tracing::warn!(
+            messages = failed.len(),
+            topic,
+            "refusal counts not published; kept for the next window"
+        );
+        refusals.restore(&failed);
+    }
 }

@@ -132,6 +132,22 @@ impl KafkaSink {
         });
     }
 
+    /// Publishes to another topic with the same producer (refusal counts), waiting for the
+    /// broker's acknowledgement at most `timeout`.
+    pub async fn publish_to(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<(), PublishError> {
+        let record = FutureRecord::to(topic).key(key).payload(payload);
+        match self.current().send(record, timeout).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(PublishError::Broker(e.to_string())),
+        }
+    }
+
     /// The producer in use (a cheap clone of a shared handle).
     fn current(&self) -> FutureProducer {
         match self.producer.read() {

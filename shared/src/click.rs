@@ -362,8 +362,23 @@ pub struct ValidClick {
     pub utm_campaign: UtmValue,
 }
 
+/// The one reason for an unknown code, a disabled code and a code of a suspended account,
+/// so that codes cannot be probed.
+pub const UNKNOWN_CODE_REASON: &str = "unknown referral code";
+
 /// Applies every rule of the contract to a parsed body; lists every bad field.
 pub fn validate(input: &ClickInput, code_len: usize) -> Result<ValidClick, Vec<FieldError>> {
+    validate_with(input, code_len, |_| Some(())).map(|(click, ())| click)
+}
+
+/// [`validate`], plus the registry: `resolve` answers what a well-formed code belongs to,
+/// or `None` for an unknown one, which is then listed among the bad fields (the code's
+/// error first, as always).
+pub fn validate_with<T>(
+    input: &ClickInput,
+    code_len: usize,
+    resolve: impl FnOnce(&ReferralCode) -> Option<T>,
+) -> Result<(ValidClick, T), Vec<FieldError>> {
     let mut errors = Vec::new();
 
     let code = match string_field("code", &input.code, &mut errors) {
@@ -376,6 +391,13 @@ pub fn validate(input: &ClickInput, code_len: usize) -> Result<ValidClick, Vec<F
             .map_err(|reason| errors.push(FieldError::new("code", reason)))
             .ok(),
     };
+    let resolved = code.as_ref().and_then(|c| {
+        let found = resolve(c);
+        if found.is_none() {
+            errors.push(FieldError::new("code", UNKNOWN_CODE_REASON));
+        }
+        found
+    });
     let (click_id, click_id_generated) =
         match string_field("click_id", &input.click_id, &mut errors) {
             None => (Some(ClickId::generate()), true),
@@ -413,6 +435,7 @@ pub fn validate(input: &ClickInput, code_len: usize) -> Result<ValidClick, Vec<F
 
     match (
         code,
+        resolved,
         click_id,
         landing_path,
         utm_source,
@@ -421,20 +444,24 @@ pub fn validate(input: &ClickInput, code_len: usize) -> Result<ValidClick, Vec<F
     ) {
         (
             Some(code),
+            Some(resolved),
             Some(click_id),
             Some(landing_path),
             Some(utm_source),
             Some(utm_medium),
             Some(utm_campaign),
-        ) if errors.is_empty() => Ok(ValidClick {
-            code,
-            click_id,
-            click_id_generated,
-            landing_path,
-            utm_source,
-            utm_medium,
-            utm_campaign,
-        }),
+        ) if errors.is_empty() => Ok((
+            ValidClick {
+                code,
+                click_id,
+                click_id_generated,
+                landing_path,
+                utm_source,
+                utm_medium,
+                utm_campaign,
+            },
+            resolved,
+        )),
         _ => Err(errors),
     }
 }
@@ -538,6 +565,29 @@ mod tests {
     #[test]
     fn code_length_is_configurable() {
         assert!(validate(&input(r#"{"code":"ABC123"}"#), 6).is_ok());
+        // An unknown code is listed like any bad field, with the other bad fields.
+        let errors = validate_with(
+            &input(r#"{"code":"abc123","landing_path":"//x"}"#),
+            6,
+            |c| (c.as_str() == "KNOWN1").then_some(()),
+        )
+        .expect_err("unknown");
+        assert_eq!(
+            errors,
+            [
+                FieldError::new("code", UNKNOWN_CODE_REASON),
+                FieldError::new(
+                    "landing_path",
+                    "must be a path starting with a single / or an http(s) URL"
+                ),
+            ]
+        );
+        assert!(
+            validate_with(&input(r#"{"code":"known1"}"#), 6, |c| (c.as_str()
+                == "KNOWN1")
+                .then_some(()))
+            .is_ok()
+        );
         assert!(validate(&input(r#"{"code":"ABC123"}"#), 12).is_err());
     }
 

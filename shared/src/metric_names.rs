@@ -12,6 +12,21 @@ pub const PRODUCE_ERRORS_TOTAL: &str = "ingest_produce_errors_total"; // labels:
 pub const PRODUCER_QUEUE_MESSAGES: &str = "ingest_producer_queue_messages";
 pub const RATE_LIMITED_TOTAL: &str = "ingest_rate_limited_total";
 pub const BROKER_UP: &str = "ingest_broker_up";
+/// Registry messages applied or skipped (malformed), by topic kind and result.
+pub const REGISTRY_MESSAGES_TOTAL: &str = "ingest_registry_messages_total"; // labels: kind, result
+pub const REGISTRY_CODES: &str = "ingest_registry_codes";
+/// 1 once both registry topics were read to their end at start.
+pub const REGISTRY_READY: &str = "ingest_registry_ready";
+/// Plan-limit refusals, by limit (per account counts go to ClickHouse, not here).
+pub const PLAN_LIMITED_TOTAL: &str = "ingest_plan_limited_total"; // labels: limit
+/// 1 while the shared limit counters in Redis answer; 0: each instance enforces its share.
+pub const LIMITS_REDIS_UP: &str = "ingest_limits_redis_up";
+/// Limit decisions made locally (Redis down or slow), by cause.
+pub const LIMITS_LOCAL_DECISIONS_TOTAL: &str = "ingest_limits_local_decisions_total";
+/// Round trips to Redis for token leases.
+pub const LIMITS_LEASES_TOTAL: &str = "ingest_limits_leases_total"; // labels: result
+/// Ingest instances sharing the limits, as last seen in Redis.
+pub const LIMITS_INSTANCES: &str = "ingest_limits_instances";
 
 // consumer
 pub const CONSUMED_TOTAL: &str = "consumer_messages_consumed_total";
@@ -29,6 +44,8 @@ pub const CLICKHOUSE_UP: &str = "consumer_clickhouse_up";
 pub const PLANS_REPLAYED_TOTAL: &str = "consumer_plans_replayed_total";
 /// Flushes in which a partition waited because an earlier plan reaches past its messages.
 pub const PLAN_WAITS_TOTAL: &str = "consumer_plan_waits_total";
+/// Registry and refusal messages mirrored into ClickHouse or skipped, by kind and result.
+pub const REGISTRY_MIRRORED_TOTAL: &str = "consumer_registry_messages_total"; // labels: kind, result
 
 /// Describes the ingest metrics and creates every counter at zero (with its known label
 /// values), so dashboards and alerts see a 0 instead of "no data" on a healthy pipeline.
@@ -67,8 +84,43 @@ pub fn register_ingest() {
         BROKER_UP,
         "1 when the broker answered the last metadata request"
     );
+    describe_counter!(
+        REGISTRY_MESSAGES_TOTAL,
+        "Registry messages applied or skipped as malformed, by kind and result"
+    );
+    describe_gauge!(REGISTRY_CODES, "Referral codes held in memory");
+    describe_gauge!(
+        REGISTRY_READY,
+        "1 once the registry topics were read to their end"
+    );
+    describe_counter!(
+        PLAN_LIMITED_TOTAL,
+        "Clicks refused by a plan limit, by limit"
+    );
+    describe_gauge!(
+        LIMITS_REDIS_UP,
+        "1 while Redis answers; 0: limits are enforced per instance (its share)"
+    );
+    describe_counter!(
+        LIMITS_LOCAL_DECISIONS_TOTAL,
+        "Plan-limit decisions made without Redis (down or slow)"
+    );
+    describe_counter!(
+        LIMITS_LEASES_TOTAL,
+        "Token lease requests to Redis, by result"
+    );
+    describe_gauge!(LIMITS_INSTANCES, "Ingest instances sharing the limits");
     counter!(CLICKS_ACCEPTED_TOTAL).increment(0);
     counter!(RATE_LIMITED_TOTAL).increment(0);
+    counter!(LIMITS_LOCAL_DECISIONS_TOTAL).increment(0);
+    for limit in ["plan_rate", "daily_cap", "monthly_credits"] {
+        counter!(PLAN_LIMITED_TOTAL, "limit" => limit).increment(0);
+    }
+    for kind in ["account", "code"] {
+        for result in ["applied", "skipped"] {
+            counter!(REGISTRY_MESSAGES_TOTAL, "kind" => kind, "result" => result).increment(0);
+        }
+    }
     for reason in [
         "invalid_params",
         "payload_too_large",
@@ -130,6 +182,15 @@ pub fn register_consumer() {
         PLAN_WAITS_TOTAL,
         "Flushes in which a partition waited for the messages of an earlier plan"
     );
+    describe_counter!(
+        REGISTRY_MIRRORED_TOTAL,
+        "Registry and refusal messages written to ClickHouse or skipped as malformed"
+    );
+    for kind in ["account", "code", "refusal"] {
+        for result in ["stored", "skipped"] {
+            counter!(REGISTRY_MIRRORED_TOTAL, "kind" => kind, "result" => result).increment(0);
+        }
+    }
     counter!(CONSUMED_TOTAL).increment(0);
     counter!(INSERTED_ROWS_TOTAL).increment(0);
     counter!(INSERT_ERRORS_TOTAL).increment(0);

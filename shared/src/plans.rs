@@ -54,7 +54,19 @@ pub struct Catalogue {
     by_name: HashMap<String, usize>,
 }
 
+/// `deploy/plans/catalogue.json` as it was when the binary was built: the default when no
+/// file is named, so a laptop run needs no path.
+pub const BUILTIN_JSON: &[u8] = include_bytes!("../../deploy/plans/catalogue.json");
+
 impl Catalogue {
+    /// The file at `path`, or the built-in catalogue.
+    pub fn load_or_builtin(path: Option<&Path>) -> Result<Self, String> {
+        match path {
+            Some(p) => Self::load(p),
+            None => Self::parse(BUILTIN_JSON).map_err(|e| format!("built-in plan catalogue: {e}")),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, String> {
         let text =
             std::fs::read(path).map_err(|e| format!("plan catalogue {}: {e}", path.display()))?;
@@ -155,7 +167,7 @@ pub fn is_plan_name(name: &str) -> bool {
 mod tests {
     use super::*;
 
-    const DEFAULT: &[u8] = include_bytes!("../../deploy/plans/catalogue.json");
+    const DEFAULT: &[u8] = BUILTIN_JSON;
 
     #[test]
     fn the_shipped_catalogue_has_the_docs_page_figures() {

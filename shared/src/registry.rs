@@ -11,8 +11,10 @@
 //! messages in order gives the latest state of every key. Invariants: a malformed message
 //! changes nothing (the caller logs and counts it and goes on with the next one); a code
 //! resolves only while it is active, its account exists, is active and has a plan of the
-//! catalogue. Memory is about 25–50 bytes per code of up to 24 characters (a packed key,
-//! no allocation per code), which keeps a million codes well under 64 MiB.
+//! catalogue. Memory: a code of up to 12 characters (the default length) is a 64-bit key,
+//! up to 24 characters a 128-bit key, so no code costs an allocation; about 17–34 bytes
+//! per code of up to 12 characters, depending on where the hash table is in its growth
+//! (measured in the README).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -167,6 +169,49 @@ impl CodeRecord {
     }
 }
 
+/// A `referral_refusals` message: how many clicks one ingest instance refused for one
+/// account and limit in one window (counts, never the clicks). `id` is unique per message,
+/// so a message read twice is stored once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalCount {
+    pub v: u32,
+    pub id: String,
+    /// Empty for the per-IP limit, which refuses before the body (and the code) is read.
+    pub account_id: String,
+    /// Empty for the per-IP limit.
+    pub plan: String,
+    /// `ip`, `plan_rate`, `daily_cap` or `monthly_credits`.
+    pub limit: String,
+    /// Start of the counting window, Unix milliseconds.
+    pub window_start_ms: u64,
+    pub count: u64,
+}
+
+pub const LIMIT_NAMES: [&str; 4] = ["ip", "plan_rate", "daily_cap", "monthly_credits"];
+
+impl RefusalCount {
+    pub fn decode(value: &[u8]) -> Result<Self, RecordError> {
+        let r: Self = decode(value)?;
+        if !r.account_id.is_empty() {
+            check_account_id(&r.account_id).map_err(RecordError::Malformed)?;
+        }
+        if !LIMIT_NAMES.contains(&r.limit.as_str()) {
+            return Err(RecordError::Malformed(format!(
+                "unknown limit {:?}",
+                r.limit
+            )));
+        }
+        if r.id.is_empty() || r.id.len() > 128 || r.plan.len() > 32 {
+            return Err(RecordError::Malformed("id or plan out of range".into()));
+        }
+        Ok(r)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 fn key_str(key: Option<&[u8]>) -> Result<&str, RecordError> {
     std::str::from_utf8(key.unwrap_or_default()).map_err(|_| RecordError::Key("not UTF-8".into()))
 }
@@ -175,6 +220,9 @@ fn key_str(key: Option<&[u8]>) -> Result<&str, RecordError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub account_id: Arc<str>,
+    /// The account's stable position in this registry: a compact key for per-account state
+    /// (slots are never reused while the process runs).
+    pub account: u32,
     /// Index into the [`Catalogue`].
     pub plan: usize,
     pub overage: bool,
@@ -211,8 +259,15 @@ impl CodeEntry {
     }
 }
 
-/// Codes of up to 24 characters of `A-Z0-9` packed base 37 into 128 bits.
-fn pack(code: &str) -> Option<[u64; 2]> {
+/// A code as a hash-map key: base 37 (A-Z 1–26, 0-9 27–36), so different codes never share
+/// a key. 12 characters fit in 64 bits (37^12 < 2^63), 24 in 128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Packed {
+    Short(u64),
+    Wide([u64; 2]),
+}
+
+fn pack(code: &str) -> Option<Packed> {
     if code.len() > 24 {
         return None;
     }
@@ -225,14 +280,19 @@ fn pack(code: &str) -> Option<[u64; 2]> {
         };
         n = n * 37 + u128::from(digit);
     }
-    Some([(n >> 64) as u64, n as u64])
+    Some(if code.len() <= 12 {
+        Packed::Short(n as u64)
+    } else {
+        Packed::Wide([(n >> 64) as u64, n as u64])
+    })
 }
 
 #[derive(Debug, Default)]
 pub struct Registry {
     accounts: Vec<AccountSlot>,
     account_index: HashMap<Arc<str>, u32>,
-    short_codes: HashMap<[u64; 2], CodeEntry>,
+    short_codes: HashMap<u64, CodeEntry>,
+    wide_codes: HashMap<[u64; 2], CodeEntry>,
     long_codes: HashMap<Box<str>, CodeEntry>,
 }
 
@@ -282,11 +342,17 @@ impl Registry {
             }
         };
         match (pack(code), entry) {
-            (Some(k), Some(e)) => {
+            (Some(Packed::Short(k)), Some(e)) => {
                 self.short_codes.insert(k, e);
             }
-            (Some(k), None) => {
+            (Some(Packed::Short(k)), None) => {
                 self.short_codes.remove(&k);
+            }
+            (Some(Packed::Wide(k)), Some(e)) => {
+                self.wide_codes.insert(k, e);
+            }
+            (Some(Packed::Wide(k)), None) => {
+                self.wide_codes.remove(&k);
             }
             (None, Some(e)) => {
                 self.long_codes.insert(code.into(), e);
@@ -315,11 +381,7 @@ impl Registry {
     /// The account of an active code whose account is active; `None` for an unknown or
     /// disabled code and for a suspended or deleted account (one answer for all).
     pub fn resolve(&self, code: &str) -> Option<Resolved> {
-        let entry = match pack(code) {
-            Some(k) => self.short_codes.get(&k),
-            None if code.len() <= MAX_CODE_LEN => self.long_codes.get(code),
-            None => None,
-        }?;
+        let entry = self.entry(code)?;
         if !entry.active() {
             return None;
         }
@@ -327,9 +389,24 @@ impl Registry {
         let state = slot.state.filter(|s| s.active)?;
         Some(Resolved {
             account_id: Arc::clone(&slot.id),
+            account: entry.slot() as u32,
             plan: state.plan as usize,
             overage: state.overage,
         })
+    }
+
+    fn entry(&self, code: &str) -> Option<&CodeEntry> {
+        match pack(code) {
+            Some(Packed::Short(k)) => self.short_codes.get(&k),
+            Some(Packed::Wide(k)) => self.wide_codes.get(&k),
+            None if code.len() <= MAX_CODE_LEN => self.long_codes.get(code),
+            None => None,
+        }
+    }
+
+    /// The id of the account in `slot` (see [`Resolved::account`]).
+    pub fn account_id(&self, slot: u32) -> Option<&Arc<str>> {
+        self.accounts.get(slot as usize).map(|a| &a.id)
     }
 
     /// Whether the account exists (any status): the operator commands' check.
@@ -341,14 +418,11 @@ impl Registry {
 
     /// Whether the code exists (any status).
     pub fn has_code(&self, code: &str) -> bool {
-        match pack(code) {
-            Some(k) => self.short_codes.contains_key(&k),
-            None => self.long_codes.contains_key(code),
-        }
+        self.entry(code).is_some()
     }
 
     pub fn code_count(&self) -> usize {
-        self.short_codes.len() + self.long_codes.len()
+        self.short_codes.len() + self.wide_codes.len() + self.long_codes.len()
     }
 
     pub fn account_count(&self) -> usize {
@@ -464,14 +538,26 @@ mod tests {
         r.apply_account(Some(b"a"), Some(&account("pro", "active")), &c)
             .expect("account");
         let long = "Z".repeat(40);
-        for k in ["A", "AA", "A0", "0A", "Z9", &"9".repeat(24), &long] {
+        for k in [
+            "A",
+            "AA",
+            "A0",
+            "0A",
+            "Z9",
+            &"9".repeat(13),
+            &"9".repeat(24),
+            &long,
+        ] {
             r.apply_code(Some(k.as_bytes()), Some(&code("a", "active")))
                 .expect(k);
         }
-        assert_eq!(r.code_count(), 7);
+        assert_eq!(r.code_count(), 8);
+        assert!(r.resolve(&"9".repeat(13)).is_some() && r.resolve(&"9".repeat(12)).is_none());
         assert!(r.resolve(&long).is_some() && r.resolve(&"Z".repeat(39)).is_none());
         assert!(r.resolve("AAA").is_none() && r.resolve("B").is_none());
         assert_ne!(pack("A0"), pack("0A"));
         assert_ne!(pack("A"), pack("AA"));
+        assert!(matches!(pack(&"9".repeat(12)), Some(Packed::Short(_))));
+        assert!(matches!(pack(&"9".repeat(13)), Some(Packed::Wide(_))));
     }
 }

@@ -28,6 +28,36 @@ pub fn clickhouse_url() -> String {
     std::env::var("E2E_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
 }
 
+pub fn redis_url() -> String {
+    std::env::var("E2E_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The plan every test account is on unless a test says otherwise: limits no test reaches.
+pub const TEST_PLAN: &str = "e2e";
+
+/// The shipped catalogue plus [`TEST_PLAN`], written once per test process.
+pub fn test_catalogue() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let mut cat: serde_json::Value =
+            serde_json::from_slice(shared::plans::BUILTIN_JSON).expect("catalogue");
+        cat["plans"].as_array_mut().expect("plans").push(serde_json::json!({
+            "name": TEST_PLAN, "price_usd_month": 0, "included_credits_month": 1_000_000_000_000u64,
+            "daily_cap": null, "rate_limit_per_minute": 100_000_000u64,
+            "overage_usd_per_1000": 0.1, "overage_default": true
+        }));
+        write_catalogue(&cat)
+    })
+    .clone()
+}
+
+/// Writes a catalogue to a file of its own; its path.
+pub fn write_catalogue(catalogue: &serde_json::Value) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.json", unique("e2e_plans")));
+    std::fs::write(&path, catalogue.to_string()).expect("catalogue file");
+    path
+}
+
 /// The workspace's target directory for the current profile.
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var("E2E_BIN_DIR")
@@ -342,12 +372,100 @@ pub async fn wait_ready(url: &str, timeout: Duration) {
     .await;
 }
 
+// --- the referral-program registry ---------------------------------------------------------
+
+/// The registry topics of one test (named after its click topic).
+#[derive(Clone, Debug)]
+pub struct RegistryTopics {
+    pub accounts: String,
+    pub codes: String,
+    pub refusals: String,
+}
+
+impl RegistryTopics {
+    pub fn for_topic(topic: &str) -> Self {
+        Self {
+            accounts: format!("{topic}_accounts"),
+            codes: format!("{topic}_codes"),
+            refusals: format!("{topic}_refusals"),
+        }
+    }
+
+    pub async fn create(&self, brokers: &str) {
+        create_topic(brokers, &self.accounts, 1).await;
+        create_topic(brokers, &self.codes, 2).await;
+        create_topic(brokers, &self.refusals, 1).await;
+    }
+
+    /// Writes an account record, as `consumer accounts set` does.
+    pub async fn set_account(
+        &self,
+        brokers: &str,
+        id: &str,
+        plan: &str,
+        overage: bool,
+        active: bool,
+    ) {
+        use shared::registry::{AccountRecord, AccountStatus};
+        let status = if active {
+            AccountStatus::Active
+        } else {
+            AccountStatus::Suspended
+        };
+        let value = AccountRecord::new(plan, overage, status).encode();
+        produce_raw(brokers, &self.accounts, &[(Some(id), &value)]).await;
+    }
+
+    /// Writes code records (active, or disabled), as `consumer codes add|disable` do.
+    pub async fn set_codes(&self, brokers: &str, account: &str, codes: &[&str], active: bool) {
+        use shared::registry::{CodeRecord, CodeStatus};
+        let status = if active {
+            CodeStatus::Active
+        } else {
+            CodeStatus::Disabled
+        };
+        let value = CodeRecord::new(account, status).encode();
+        let messages: Vec<(Option<&str>, &[u8])> =
+            codes.iter().map(|c| (Some(*c), value.as_slice())).collect();
+        produce_raw(brokers, &self.codes, &messages).await;
+    }
+}
+
 /// Settings of one ingest process.
 #[derive(Clone)]
 pub struct IngestOptions {
     pub brokers: String,
     pub topic: String,
+    pub registry: RegistryTopics,
+    /// Keys in Redis: instances sharing a prefix share limits.
+    pub redis_prefix: String,
     pub extra_env: Vec<(String, String)>,
+}
+
+impl IngestOptions {
+    /// Registry topics named after `topic`, a Redis prefix of its own.
+    pub fn new(brokers: &str, topic: &str) -> Self {
+        Self {
+            brokers: brokers.to_owned(),
+            topic: topic.to_owned(),
+            registry: RegistryTopics::for_topic(topic),
+            redis_prefix: format!("{}:", unique("e2e")),
+            extra_env: Vec::new(),
+        }
+    }
+
+    /// Creates the registry topics with one account on [`TEST_PLAN`] owning [`DOCS_CODE`].
+    pub async fn seed_registry(&self) -> String {
+        let account = unique("acct");
+        self.registry.create(&self.brokers).await;
+        self.registry
+            .set_account(&self.brokers, &account, TEST_PLAN, true, true)
+            .await;
+        self.registry
+            .set_codes(&self.brokers, &account, &[DOCS_CODE], true)
+            .await;
+        account
+    }
 }
 
 pub struct Ingest {
@@ -362,6 +480,12 @@ impl Ingest {
         cmd.env("INGEST_LISTEN", addr.to_string())
             .env("INGEST_KAFKA_BROKERS", &opts.brokers)
             .env("INGEST_KAFKA_TOPIC", &opts.topic)
+            .env("INGEST_ACCOUNTS_TOPIC", &opts.registry.accounts)
+            .env("INGEST_CODES_TOPIC", &opts.registry.codes)
+            .env("INGEST_REFUSALS_TOPIC", &opts.registry.refusals)
+            .env("INGEST_PLANS_FILE", test_catalogue())
+            .env("INGEST_REDIS_URL", redis_url())
+            .env("INGEST_REDIS_PREFIX", &opts.redis_prefix)
             .env("INGEST_HASH_KEY", HASH_KEY)
             .env("INGEST_HASH_KEY_ID", "e2e1");
         for (k, v) in &opts.extra_env {
@@ -387,6 +511,7 @@ impl Ingest {
 pub struct ConsumerOptions {
     pub brokers: String,
     pub topic: String,
+    pub registry: RegistryTopics,
     pub group: String,
     pub clickhouse_url: String,
     pub database: String,
@@ -410,6 +535,10 @@ impl ConsumerProc {
             .env("CONSUMER_GROUP_ID", &opts.group)
             .env("CONSUMER_CLICKHOUSE_URL", &opts.clickhouse_url)
             .env("CONSUMER_CLICKHOUSE_DATABASE", &opts.database)
+            .env("CONSUMER_ACCOUNTS_TOPIC", &opts.registry.accounts)
+            .env("CONSUMER_CODES_TOPIC", &opts.registry.codes)
+            .env("CONSUMER_REFUSALS_TOPIC", &opts.registry.refusals)
+            .env("CONSUMER_PLANS_FILE", test_catalogue())
             // tansu leaves survivors of a crashed leader without partitions (see config.rs).
             .env("CONSUMER_REJOIN_IDLE_SECS", "5");
         for (k, v) in &opts.extra_env {
@@ -454,7 +583,15 @@ pub struct Scope {
     pub table: String,
     pub brokers: String,
     pub ch: ClickHouse,
+    pub registry: RegistryTopics,
+    /// The scope's account (plan [`TEST_PLAN`]), which owns the docs page's code
+    /// `A1B2C3D4E5F6`.
+    pub account: String,
+    pub redis_prefix: String,
 }
+
+/// The docs page's example code, registered in every scope.
+pub const DOCS_CODE: &str = "A1B2C3D4E5F6";
 
 impl Scope {
     pub async fn new(name: &str, partitions: i32) -> Self {
@@ -465,6 +602,15 @@ impl Scope {
         let topic = unique(name);
         create_topic(brokers, &topic, partitions).await;
         create_topic(brokers, &format!("{topic}_dlq"), 1).await;
+        let registry = RegistryTopics::for_topic(&topic);
+        registry.create(brokers).await;
+        let account = unique("acct");
+        registry
+            .set_account(brokers, &account, TEST_PLAN, true, true)
+            .await;
+        registry
+            .set_codes(brokers, &account, &[DOCS_CODE], true)
+            .await;
         let database = unique(&format!("e2e_{name}"));
         Self {
             table: format!("{database}.referral_clicks"),
@@ -472,13 +618,25 @@ impl Scope {
             database,
             brokers: brokers.to_owned(),
             ch: ClickHouse::new(&clickhouse_url()),
+            registry,
+            account,
+            redis_prefix: format!("{}:", unique("e2e")),
         }
+    }
+
+    /// Registers more codes for the scope's account.
+    pub async fn register_codes(&self, codes: &[&str]) {
+        self.registry
+            .set_codes(&self.brokers, &self.account, codes, true)
+            .await;
     }
 
     pub fn ingest_options(&self) -> IngestOptions {
         IngestOptions {
             brokers: self.brokers.clone(),
             topic: self.topic.clone(),
+            registry: self.registry.clone(),
+            redis_prefix: self.redis_prefix.clone(),
             extra_env: Vec::new(),
         }
     }
@@ -487,6 +645,7 @@ impl Scope {
         ConsumerOptions {
             brokers: self.brokers.clone(),
             topic: self.topic.clone(),
+            registry: self.registry.clone(),
             group: format!("{}_group", self.topic),
             clickhouse_url: clickhouse_url(),
             database: self.database.clone(),

@@ -204,6 +204,7 @@ async fn dashboards_and_named_queries_answer_the_known_data_set() {
     }
 
     let scope = Scope::new("analytics", 4).await;
+    scope.register_codes(&[A, B, C]).await;
     let consumer = ConsumerProc::start(&scope.consumer_options());
     let mut opts = scope.ingest_options();
     opts.extra_env = vec![

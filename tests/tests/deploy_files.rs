@@ -37,9 +37,14 @@ fn docker_compose_file_is_valid() {
         "ingest:",
         "consumer:",
         "setup:",
+        "redis:",
     ] {
         assert!(text.contains(service), "service {service} missing");
     }
+    assert!(
+        text.contains("INGEST_REDIS_URL: redis://redis:6379"),
+        "ingest must share its limit counters in the compose file's Redis"
+    );
     assert!(
         text.contains("KAFKA_PROCESS_ROLES: broker,controller"),
         "Kafka must run in KRaft mode"

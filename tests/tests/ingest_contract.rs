@@ -524,11 +524,8 @@ async fn bots_are_flagged() {
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_down_at_start_then_recovers() {
     let addr = free_addr();
-    let ingest = Ingest::start(&IngestOptions {
-        brokers: addr.to_string(),
-        topic: "referral_clicks".into(),
-        extra_env: vec![],
-    });
+    let opts = IngestOptions::new(&addr.to_string(), "referral_clicks");
+    let ingest = Ingest::start(&opts);
     let c = http();
     eventually("ingest listening", Duration::from_secs(20), || {
         let c = c.clone();
@@ -557,6 +554,7 @@ async fn broker_down_at_start_then_recovers() {
     // The broker arrives on that address.
     let _broker = PrivateBroker::start_with(addr, addr, false).await;
     create_topic(&addr.to_string(), "referral_clicks", 2).await;
+    opts.seed_registry().await;
 
     ingest.ready().await;
     let (status, _, env) = send(
@@ -665,15 +663,14 @@ async fn a_hanging_broker_fills_the_queue_and_gets_503_not_a_hang() {
     let proxy = CutProxy::start_on(proxy_addr, broker.addr).await;
     let brokers = proxy_addr.to_string();
     create_topic(&brokers, "referral_clicks", 2).await;
-    let ingest = Ingest::start(&IngestOptions {
-        brokers: brokers.clone(),
-        topic: "referral_clicks".into(),
-        extra_env: vec![
-            ("INGEST_QUEUE_MAX_MESSAGES".into(), "5".into()),
-            ("INGEST_PRODUCE_TIMEOUT_MS".into(), "2000".into()),
-            ("INGEST_RATE_LIMIT_BURST".into(), "100000".into()),
-        ],
-    });
+    let mut opts = IngestOptions::new(&brokers, "referral_clicks");
+    opts.seed_registry().await;
+    opts.extra_env = vec![
+        ("INGEST_QUEUE_MAX_MESSAGES".into(), "5".into()),
+        ("INGEST_PRODUCE_TIMEOUT_MS".into(), "2000".into()),
+        ("INGEST_RATE_LIMIT_BURST".into(), "100000".into()),
+    ];
+    let ingest = Ingest::start(&opts);
     ingest.ready().await;
     let c = http();
     let url = ingest.url(PATH);

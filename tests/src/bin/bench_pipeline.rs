@@ -172,11 +172,10 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     println!("\n## ingest (tansu on memory storage; wrk -t2 -c256, 70% JSON / 10% text/plain / 10% gzip / 10% invalid)\n");
     let (_broker, brokers) = private_broker(true).await;
     create_topic(&brokers, "referral_clicks", 8).await;
-    let ingest = Ingest::start(&IngestOptions {
-        brokers: brokers.clone(),
-        topic: "referral_clicks".into(),
-        extra_env: unlimited(),
-    });
+    let mut opts = IngestOptions::new(&brokers, "referral_clicks");
+    opts.seed_registry().await;
+    opts.extra_env = unlimited();
+    let ingest = Ingest::start(&opts);
     ingest.ready().await;
     let url = ingest.url("/api/v1/referrals/click");
     let pid = ingest.proc.child.id();
@@ -238,11 +237,10 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     // Durable storage, for the record.
     let (_broker, brokers) = private_broker(false).await;
     create_topic(&brokers, "referral_clicks", 8).await;
-    let ingest = Ingest::start(&IngestOptions {
-        brokers,
-        topic: "referral_clicks".into(),
-        extra_env: unlimited(),
-    });
+    let mut opts = IngestOptions::new(&brokers, "referral_clicks");
+    opts.seed_registry().await;
+    opts.extra_env = unlimited();
+    let ingest = Ingest::start(&opts);
     ingest.ready().await;
     let (drps, _, _) = wrk(&ingest.url("/api/v1/referrals/click"), script, 10);
     println!("| ingest max with tansu on sqlite (durable) storage | {drps:.0} req/s |");
@@ -361,9 +359,12 @@ async fn bench_consumer(rows: u64) {
 
     // The consumer itself.
     let database = unique("bench_consumer");
+    let registry = RegistryTopics::for_topic(&topic);
+    registry.create(&brokers).await;
     let opts = ConsumerOptions {
         brokers: brokers.clone(),
         topic: topic.clone(),
+        registry,
         group: unique("bench_group"),
         clickhouse_url: url.clone(),
         database: database.clone(),

@@ -80,6 +80,8 @@ fn row(r: &mut Rng, now: u64, topic: &str, offset: u64) -> ClickRow {
         kafka_topic: topic.to_owned(),
         kafka_partition: (offset % 8) as u16,
         kafka_offset: offset,
+        // 10,000 codes of 2,000 accounts.
+        account_id: format!("acct_{:05}", code % 2000),
     }
 }
 

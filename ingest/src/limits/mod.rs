@@ -1,0 +1,758 @@
+//! Plan limits per account, shared by every ingest instance (SPEC "Plans and limits"):
+//! a rolling 60 s rate limit, a daily cap and, without overage, the included credits of the
+//! month, checked in that order after the per-IP limit and before publishing.
+//!
+//! # How a click is counted without a Redis round trip each time
+//! Each instance leases tokens for an account from the shared counters ([`store`]): one
+//! lease is up to about a second's worth of the account's recent demand on this instance,
+//! valid for [`store::LEASE_MS`], and clicks spend it locally. Unused tokens go back with
+//! the next lease (or within a second, by the sweeper). Requests that find the lease empty
+//! wait for one lease call together; a refusal from the store is remembered for up to
+//! 1 s (never past its retry time), so a flood against an exhausted account costs no
+//! round trips.
+//!
+//! # Worst-case overshoot
+//! * Redis answering: none. Every accepted click spends a token the store granted, and
+//!   the store's rules (see [`store`]) never grant more than the limit in any 60 s
+//!   window, UTC day or month. A click answered 503 after its token was taken (the broker
+//!   did not acknowledge) gives the token back.
+//! * Redis unreachable or slower than `INGEST_LIMITS_REDIS_TIMEOUT_MS`: each instance
+//!   decides alone with its share of every limit: `ceil(limit / n)` clicks in a rolling
+//!   window of its own, and `ceil((cap - used) / n)` of what the day and month had left
+//!   when it last heard from Redis (`n` = instances seen in Redis, at least
+//!   `INGEST_LIMITS_EXPECTED_INSTANCES`). All instances together stay within
+//!   `limit + n - 1` per window once the outage is 62 s old; in the first 62 s the clicks
+//!   Redis granted before the outage still count in real windows, so up to about
+//!   `2 × limit` can pass in the window that spans the switch. The clicks accepted alone
+//!   are added to Redis when it answers again, so day and month counters stay right.
+
+pub mod calendar;
+pub mod store;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+// The tokio clock (not std's): deadlines follow a paused clock in tests.
+use tokio::time::Instant;
+
+use shared::metric_names as m;
+use shared::plans::{Catalogue, Plan};
+use shared::registry::Resolved;
+use store::{GiveBack, LeaseAnswer, LeaseRequest, LocalSpends, QuotaStore, LEASE_MS, WINDOW_SLOTS};
+
+/// Which limit refused a click (the 429's `data.limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    Ip,
+    PlanRate,
+    DailyCap,
+    MonthlyCredits,
+}
+
+impl Limit {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ip => "ip",
+            Self::PlanRate => "plan_rate",
+            Self::DailyCap => "daily_cap",
+            Self::MonthlyCredits => "monthly_credits",
+        }
+    }
+}
+
+/// What one account may do now: its plan's figures under its overage switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccountLimits {
+    pub rate_per_minute: u32,
+    pub daily_cap: Option<u64>,
+    /// `None`: no monthly limit (the plan has overage and the account's switch is on).
+    pub monthly: Option<u64>,
+}
+
+impl AccountLimits {
+    pub fn of(plan: &Plan, overage: bool) -> Self {
+        Self {
+            rate_per_minute: plan.rate_limit_per_minute,
+            daily_cap: plan.daily_cap,
+            monthly: plan.monthly_limit(overage),
+        }
+    }
+}
+
+/// A refused click: everything its 429 answer says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub limit: Limit,
+    /// The account's plan (absent for the per-IP limit).
+    pub plan: Option<String>,
+    pub retry_after: Duration,
+    /// The policy: `quota` clicks per `window_secs`.
+    pub quota: u64,
+    pub window_secs: u64,
+}
+
+/// A spent token; given back with [`PlanLimiter::refund`] when the click is not accepted
+/// after all (the broker did not acknowledge it).
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    account: u32,
+    kind: TicketKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum TicketKind {
+    Lease { serial: u64 },
+    Local { slot: u64, day: u32 },
+}
+
+#[derive(Debug, Clone)]
+pub struct LimiterOptions {
+    /// How long a click may wait for a lease before it is decided locally.
+    pub wait_budget: Duration,
+    /// How long a lease call may take at all (its answer is still used if late).
+    pub store_timeout: Duration,
+    pub expected_instances: u32,
+}
+
+const MAX_WANT: u64 = 10_000;
+/// A refusal from the store is reused for at most this long.
+const REFUSAL_REUSE_MS: u64 = 1000;
+/// What the store said about the day and month is trusted this long in a fallback.
+const SEEN_TRUST_MS: u64 = 300_000;
+/// Per-account state is dropped after this long without clicks.
+const IDLE_MS: u64 = 120_000;
+
+/// The plan limiter of one instance.
+pub struct PlanLimiter<S> {
+    store: Arc<S>,
+    catalogue: Arc<Catalogue>,
+    accounts: RwLock<HashMap<u32, Arc<AccountState>>>,
+    degraded: AtomicBool,
+    instances: AtomicU32,
+    options: LimiterOptions,
+    instance_id: String,
+}
+
+struct AccountState {
+    id: Arc<str>,
+    inner: Mutex<Inner>,
+    notify: Notify,
+}
+
+impl AccountState {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Lease {
+    left: u32,
+    expires_ms: u64,
+    slot: u64,
+    day: u32,
+    month: u32,
+    serial: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CachedRefusal {
+    until_ms: u64,
+    retry_at_ms: u64,
+    limit: Limit,
+    limits: AccountLimits,
+}
+
+/// The store's last word on the day and month, and what this instance accepted alone since.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    at_ms: u64,
+    day: u32,
+    day_used: u64,
+    month: u32,
+    month_used: u64,
+    local_day: u64,
+    local_month: u64,
+}
+
+/// This instance's own accepted clicks per 1 s slot (leased and local), for fallbacks.
+#[derive(Debug, Default)]
+struct Recent(VecDeque<(u64, u32)>);
+
+impl Recent {
+    fn prune(&mut self, slot: u64) {
+        while self
+            .0
+            .front()
+            .is_some_and(|(s, _)| *s + WINDOW_SLOTS <= slot)
+        {
+            self.0.pop_front();
+        }
+    }
+
+    fn add(&mut self, slot: u64, n: i64) {
+        self.prune(slot);
+        match self.0.iter_mut().rev().find(|(s, _)| *s == slot) {
+            Some((_, c)) => *c = (i64::from(*c) + n).max(0) as u32,
+            None if n > 0 => self.0.push_back((slot, n as u32)),
+            None => {}
+        }
+    }
+
+    fn sum(&mut self, slot: u64) -> u64 {
+        self.prune(slot);
+        self.0.iter().map(|(_, c)| u64::from(*c)).sum()
+    }
+
+    fn oldest(&self) -> Option<u64> {
+        self.0.iter().find(|(_, c)| *c > 0).map(|(s, _)| *s)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    lease: Lease,
+    serial: u64,
+    fetching: bool,
+    waiting: u32,
+    demand: u64,
+    demand_since_ms: u64,
+    refused: Option<CachedRefusal>,
+    seen: Seen,
+    recent: Recent,
+    /// Clicks accepted without the store, per UTC day, oldest first; sent one group per call.
+    local: Vec<LocalSpends>,
+    give_back: Option<GiveBack>,
+    last_used_ms: u64,
+}
+
+impl Inner {
+    fn take_token(&mut self, now_ms: u64) -> Option<TicketKind> {
+        if self.lease.left > 0 && now_ms < self.lease.expires_ms {
+            self.lease.left -= 1;
+            self.recent.add(now_ms / 1000, 1);
+            return Some(TicketKind::Lease {
+                serial: self.lease.serial,
+            });
+        }
+        None
+    }
+
+    /// Moves the leftovers of an expired lease to the give-back of the next call.
+    fn retire_lease(&mut self, now_ms: u64) {
+        if self.lease.left > 0 && now_ms >= self.lease.expires_ms && self.give_back.is_none() {
+            self.give_back = Some(GiveBack {
+                slot: self.lease.slot,
+                day: self.lease.day,
+                month: self.lease.month,
+                tokens: self.lease.left,
+            });
+            self.lease.left = 0;
+        }
+    }
+
+    /// How many tokens to ask for: the recent demand over one lease, at least the waiters.
+    fn want(&mut self, now_ms: u64) -> u32 {
+        // At least 100 ms: two clicks a millisecond apart are no reason to lease a minute's worth.
+        let elapsed = now_ms
+            .saturating_sub(self.demand_since_ms)
+            .clamp(100, 10_000);
+        let per_lease = (self.demand * LEASE_MS / elapsed).max(1);
+        self.demand = 0;
+        self.demand_since_ms = now_ms;
+        (per_lease + per_lease / 4)
+            .max(u64::from(self.waiting))
+            .min(MAX_WANT) as u32
+    }
+
+    fn cached_refusal(&self, now_ms: u64, limits: AccountLimits) -> Option<(Limit, u64)> {
+        self.refused
+            .filter(|c| now_ms < c.until_ms && c.limits == limits)
+            .map(|c| (c.limit, c.retry_at_ms.saturating_sub(now_ms)))
+    }
+
+    /// The decision without the store: this instance's share of every limit.
+    fn decide_locally(
+        &mut self,
+        limits: AccountLimits,
+        n: u32,
+        now_ms: u64,
+    ) -> Result<TicketKind, (Limit, u64)> {
+        let n = u64::from(n.max(1));
+        let slot = now_ms / 1000;
+        let share = u64::from(limits.rate_per_minute).div_ceil(n);
+        if self.recent.sum(slot) >= share {
+            let retry = self
+                .recent
+                .oldest()
+                .map_or(1000, |s| ((s + WINDOW_SLOTS) * 1000).saturating_sub(now_ms));
+            return Err((Limit::PlanRate, retry));
+        }
+        let (day, month) = (calendar::day(now_ms), calendar::month(now_ms));
+        let trusted = now_ms.saturating_sub(self.seen.at_ms) < SEEN_TRUST_MS;
+        if self.seen.day != day {
+            self.seen.day = day;
+            self.seen.day_used = 0;
+            self.seen.local_day = 0;
+        }
+        if self.seen.month != month {
+            self.seen.month = month;
+            self.seen.month_used = 0;
+            self.seen.local_month = 0;
+        }
+        let allowance = |cap: u64, used: u64| {
+            cap.saturating_sub(if trusted { used } else { 0 })
+                .div_ceil(n)
+        };
+        if let Some(cap) = limits.daily_cap {
+            if self.seen.local_day >= allowance(cap, self.seen.day_used) {
+                return Err((Limit::DailyCap, calendar::ms_to_next_day(now_ms)));
+            }
+        }
+        if let Some(monthly) = limits.monthly {
+            if self.seen.local_month >= allowance(monthly, self.seen.month_used) {
+                return Err((Limit::MonthlyCredits, calendar::ms_to_next_month(now_ms)));
+            }
+        }
+        self.seen.local_day += 1;
+        self.seen.local_month += 1;
+        self.recent.add(slot, 1);
+        let group = match self.local.last_mut() {
+            Some(g) if g.day == day => g,
+            _ => {
+                self.local.push(LocalSpends {
+                    day,
+                    month,
+                    ..LocalSpends::default()
+                });
+                let last = self.local.len() - 1;
+                &mut self.local[last]
+            }
+        };
+        *group.slots.entry(slot).or_default() += 1;
+        group.total += 1;
+        Ok(TicketKind::Local { slot, day })
+    }
+}
+
+fn jitter_ms() -> u64 {
+    1000 + rand::random::<u64>() % 4000
+}
+
+impl<S: QuotaStore> PlanLimiter<S> {
+    pub fn new(store: Arc<S>, catalogue: Arc<Catalogue>, options: LimiterOptions) -> Arc<Self> {
+        let instances = options.expected_instances.max(1);
+        Arc::new(Self {
+            store,
+            catalogue,
+            accounts: RwLock::new(HashMap::new()),
+            degraded: AtomicBool::new(false),
+            instances: AtomicU32::new(instances),
+            options,
+            instance_id: format!("ingest-{:016x}", rand::random::<u64>()),
+        })
+    }
+
+    pub fn limits_of(&self, account: &Resolved) -> AccountLimits {
+        AccountLimits::of(self.catalogue.by_index(account.plan), account.overage)
+    }
+
+    /// Whether limits are being decided without the shared counters right now.
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    fn instances(&self) -> u32 {
+        self.instances
+            .load(Ordering::Relaxed)
+            .max(self.options.expected_instances)
+            .max(1)
+    }
+
+    fn state(&self, account: &Resolved) -> Arc<AccountState> {
+        if let Some(s) = self
+            .accounts
+            .read()
+            .ok()
+            .and_then(|m| m.get(&account.account).cloned())
+        {
+            return s;
+        }
+        let mut map = match self.accounts.write() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        Arc::clone(map.entry(account.account).or_insert_with(|| {
+            Arc::new(AccountState {
+                id: Arc::clone(&account.account_id),
+                inner: Mutex::new(Inner::default()),
+                notify: Notify::new(),
+            })
+        }))
+    }
+
+    fn refusal(
+        &self,
+        account: &Resolved,
+        limits: AccountLimits,
+        (limit, retry_ms): (Limit, u64),
+        now_ms: u64,
+    ) -> Refusal {
+        metrics::counter!(m::PLAN_LIMITED_TOTAL, "limit" => limit.name()).increment(1);
+        let (quota, window_secs) = match limit {
+            Limit::Ip | Limit::PlanRate => (u64::from(limits.rate_per_minute), 60),
+            Limit::DailyCap => (limits.daily_cap.unwrap_or(0), 86_400),
+            Limit::MonthlyCredits => (limits.monthly.unwrap_or(0), calendar::month_secs(now_ms)),
+        };
+        Refusal {
+            limit,
+            plan: Some(self.catalogue.by_index(account.plan).name.clone()),
+            retry_after: Duration::from_millis(retry_ms.max(1)),
+            quota,
+            window_secs,
+        }
+    }
+
+    /// Takes one token of `account` at `now_ms`, or says which limit refuses the click.
+    pub async fn check(
+        self: &Arc<Self>,
+        account: &Resolved,
+        now_ms: u64,
+    ) -> Result<Ticket, Refusal> {
+        let limits = self.limits_of(account);
+        let state = self.state(account);
+        let deadline = Instant::now() + self.options.wait_budget;
+        let mut first = true;
+        loop {
+            let notified = {
+                let mut s = state.lock();
+                if first {
+                    s.demand += 1;
+                    s.last_used_ms = now_ms;
+                    first = false;
+                }
+                if let Some(kind) = s.take_token(now_ms) {
+                    return Ok(Ticket {
+                        account: account.account,
+                        kind,
+                    });
+                }
+                if let Some(refused) = s.cached_refusal(now_ms, limits) {
+                    drop(s);
+                    return Err(self.refusal(account, limits, refused, now_ms));
+                }
+                let timed_out = Instant::now() >= deadline;
+                if self.is_degraded() || timed_out {
+                    let cause = if timed_out { "slow" } else { "unreachable" };
+                    metrics::counter!(m::LIMITS_LOCAL_DECISIONS_TOTAL, "cause" => cause)
+                        .increment(1);
+                    let decided = s.decide_locally(limits, self.instances(), now_ms);
+                    drop(s);
+                    return match decided {
+                        Ok(kind) => Ok(Ticket {
+                            account: account.account,
+                            kind,
+                        }),
+                        Err(refused) => Err(self.refusal(account, limits, refused, now_ms)),
+                    };
+                }
+                s.waiting += 1;
+                if !s.fetching {
+                    self.start_fetch(&state, &mut s, limits, now_ms);
+                }
+                // Registered before the lock is released: the fetch's wake-up cannot be missed.
+                state.notify.notified()
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = tokio::time::timeout(left, notified).await;
+            state.lock().waiting -= 1;
+        }
+    }
+
+    /// Gives the token of a click that was not accepted after all back.
+    pub fn refund(&self, ticket: Ticket) {
+        let Some(state) = self
+            .accounts
+            .read()
+            .ok()
+            .and_then(|m| m.get(&ticket.account).cloned())
+        else {
+            return;
+        };
+        let mut s = state.lock();
+        match ticket.kind {
+            TicketKind::Lease { serial } => {
+                let slot = s.lease.slot;
+                if s.lease.serial == serial {
+                    s.lease.left += 1;
+                } else if let Some(gb) = s.give_back.as_mut().filter(|g| g.slot == slot) {
+                    gb.tokens += 1;
+                }
+                s.recent.add(slot, -1);
+            }
+            TicketKind::Local { slot, day } => {
+                if let Some(g) = s.local.iter_mut().find(|g| g.day == day) {
+                    if let Some(c) = g.slots.get_mut(&slot).filter(|c| **c > 0) {
+                        *c -= 1;
+                        g.total -= 1;
+                    }
+                }
+                s.seen.local_day = s.seen.local_day.saturating_sub(1);
+                s.seen.local_month = s.seen.local_month.saturating_sub(1);
+                s.recent.add(slot, -1);
+            }
+        }
+    }
+
+    fn start_fetch(
+        self: &Arc<Self>,
+        state: &Arc<AccountState>,
+        s: &mut Inner,
+        limits: AccountLimits,
+        now_ms: u64,
+    ) {
+        s.fetching = true;
+        s.retire_lease(now_ms);
+        let want = if s.waiting > 0 { s.want(now_ms) } else { 0 };
+        let give_back = s.give_back.take();
+        let spends = s.local.first().cloned();
+        let limiter = Arc::clone(self);
+        let state = Arc::clone(state);
+        tokio::spawn(async move {
+            limiter
+                .fetch(&state, limits, want, give_back, spends, now_ms)
+                .await;
+        });
+    }
+
+    async fn fetch(
+        &self,
+        state: &AccountState,
+        limits: AccountLimits,
+        want: u32,
+        give_back: Option<GiveBack>,
+        spends: Option<LocalSpends>,
+        now_ms: u64,
+    ) {
+        let started = Instant::now();
+        let req = LeaseRequest {
+            account: &state.id,
+            now_ms,
+            want,
+            limits,
+            instances: self.instances(),
+            give_back,
+            spends: spends.as_ref(),
+        };
+        let result = tokio::time::timeout(self.options.store_timeout, self.store.lease(req)).await;
+        let took = started.elapsed();
+        let mut s = state.lock();
+        s.fetching = false;
+        match result {
+            Ok(Ok(answer)) => {
+                metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "answered").increment(1);
+                if took > self.options.wait_budget {
+                    self.set_degraded(true, "slow");
+                }
+                if let Some(sent) = &spends {
+                    if s.local.first().is_some_and(|g| g.day == sent.day) {
+                        // Spends refunded or added after the copy was sent stay for next time.
+                        let g = &mut s.local[0];
+                        for (slot, n) in &sent.slots {
+                            if let Some(c) = g.slots.get_mut(slot) {
+                                *c -= (*n).min(*c);
+                            }
+                        }
+                        g.slots.retain(|_, c| *c > 0);
+                        g.total -= sent.total.min(g.total);
+                        if g.total == 0 {
+                            s.local.remove(0);
+                        }
+                    }
+                }
+                let (day_used, month_used) = match answer {
+                    LeaseAnswer::Granted {
+                        day_used,
+                        month_used,
+                        ..
+                    }
+                    | LeaseAnswer::Refused {
+                        day_used,
+                        month_used,
+                        ..
+                    } => (day_used, month_used),
+                };
+                s.seen = Seen {
+                    at_ms: now_ms,
+                    day: calendar::day(now_ms),
+                    day_used,
+                    month: calendar::month(now_ms),
+                    month_used,
+                    local_day: 0,
+                    local_month: 0,
+                };
+                match answer {
+                    LeaseAnswer::Granted { tokens, .. } if tokens > 0 => {
+                        let expires_ms = now_ms + LEASE_MS.min(calendar::ms_to_next_day(now_ms));
+                        let lease = Lease {
+                            left: tokens,
+                            expires_ms,
+                            slot: now_ms / 1000,
+                            day: calendar::day(now_ms),
+                            month: calendar::month(now_ms),
+                            serial: s.serial + 1,
+                        };
+                        s.serial += 1;
+                        s.refused = None;
+                        if now_ms + took.as_millis() as u64 >= expires_ms {
+                            // Too late to spend: straight back with the next call.
+                            s.lease = lease;
+                            s.retire_lease(expires_ms);
+                        } else {
+                            s.retire_lease(now_ms + took.as_millis() as u64);
+                            s.lease = lease;
+                        }
+                    }
+                    LeaseAnswer::Granted { .. } => {}
+                    LeaseAnswer::Refused {
+                        limit,
+                        retry_after_ms,
+                        ..
+                    } => {
+                        let retry_at_ms = now_ms
+                            + match limit {
+                                Limit::DailyCap => calendar::ms_to_next_day(now_ms) + jitter_ms(),
+                                Limit::MonthlyCredits => {
+                                    calendar::ms_to_next_month(now_ms) + jitter_ms()
+                                }
+                                Limit::PlanRate | Limit::Ip => retry_after_ms,
+                            };
+                        s.refused = Some(CachedRefusal {
+                            until_ms: retry_at_ms.min(now_ms + REFUSAL_REUSE_MS),
+                            retry_at_ms,
+                            limit,
+                            limits,
+                        });
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "error").increment(1);
+                tracing::debug!(error = %e, "lease failed");
+                // The give-back may or may not have been applied: it is dropped (the tokens
+                // stay counted). The spends stay for the next call.
+                self.set_degraded(true, "unreachable");
+            }
+            Err(_) => {
+                metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "timeout").increment(1);
+                self.set_degraded(true, "slow");
+            }
+        }
+        drop(s);
+        state.notify.notify_waiters();
+    }
+
+    fn set_degraded(&self, degraded: bool, cause: &'static str) {
+        let was = self.degraded.swap(degraded, Ordering::Relaxed);
+        if was != degraded {
+            if degraded {
+                tracing::warn!(cause, "plan limits: Redis unreachable or slow; each instance enforces its share locally");
+            } else {
+                tracing::info!("plan limits: Redis answers again; shared counters in use");
+            }
+        }
+        metrics::gauge!(m::LIMITS_REDIS_UP).set(if degraded { 0.0 } else { 1.0 });
+    }
+
+    /// One heartbeat: registers this instance, learns how many there are, and is the
+    /// health probe that ends a fallback.
+    pub async fn heartbeat(&self, now_ms: u64) {
+        let started = Instant::now();
+        let probe = tokio::time::timeout(
+            self.options.store_timeout,
+            self.store.heartbeat(&self.instance_id, now_ms),
+        )
+        .await;
+        match probe {
+            Ok(Ok(n)) if started.elapsed() <= self.options.wait_budget => {
+                self.instances.store(n, Ordering::Relaxed);
+                metrics::gauge!(m::LIMITS_INSTANCES).set(f64::from(n));
+                self.set_degraded(false, "");
+            }
+            Ok(Ok(_)) | Err(_) => self.set_degraded(true, "slow"),
+            Ok(Err(_)) => self.set_degraded(true, "unreachable"),
+        }
+    }
+
+    /// Gives back expired leases and adds local spends for accounts without clicks now,
+    /// and forgets accounts idle for a while.
+    pub fn sweep(self: &Arc<Self>, now_ms: u64) {
+        let states: Vec<Arc<AccountState>> = match self.accounts.read() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => return,
+        };
+        let degraded = self.is_degraded();
+        let mut idle = Vec::new();
+        for state in &states {
+            let mut s = state.lock();
+            s.retire_lease(now_ms);
+            let owes = s.give_back.is_some() || !s.local.is_empty();
+            if owes && !s.fetching && !degraded {
+                let limits = AccountLimits {
+                    rate_per_minute: 1,
+                    daily_cap: None,
+                    monthly: None,
+                };
+                self.start_fetch(state, &mut s, limits, now_ms);
+            } else if !owes && !s.fetching && s.waiting == 0 && s.last_used_ms + IDLE_MS < now_ms {
+                idle.push(Arc::clone(&state.id));
+            }
+        }
+        drop(states);
+        if idle.is_empty() {
+            return;
+        }
+        if let Ok(mut map) = self.accounts.write() {
+            // Only states no request holds right now.
+            map.retain(|_, s| !(idle.contains(&s.id) && Arc::strong_count(s) == 1));
+        }
+    }
+
+    /// Heartbeats and sweeps until the process ends.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let limiter = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut next_heartbeat = Instant::now();
+            loop {
+                if Instant::now() >= next_heartbeat {
+                    limiter.heartbeat(shared::now_ms()).await;
+                    let every = if limiter.is_degraded() { 500 } else { 2000 };
+                    next_heartbeat = Instant::now() + Duration::from_millis(every);
+                }
+                limiter.sweep(shared::now_ms());
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+    }
+
+    /// Clean shutdown: unused tokens back, this instance out of the count.
+    pub async fn leave(self: &Arc<Self>) {
+        if let Ok(map) = self.accounts.read() {
+            for state in map.values() {
+                state.lock().lease.expires_ms = 0;
+            }
+        }
+        self.sweep(shared::now_ms());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.store.leave(&self.instance_id).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

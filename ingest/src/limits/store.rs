@@ -1,0 +1,596 @@
+//! The shared counters behind the plan limits: Redis in production ([`RedisStore`]), and
+//! [`MemoryStore`], the same rules in process (unit tests share one between simulated
+//! instances).
+//!
+//! One call ([`QuotaStore::lease`]) does, atomically for one account: give back the unused
+//! tokens of the instance's previous lease, add the clicks the instance accepted on its own
+//! while the store was unreachable, then check the three limits in the SPEC's order and
+//! grant up to `want` tokens.
+//!
+//! The rules, and why a lease never lets more through than the limit:
+//! * The rolling 60 s limit counts grants in 1 s slots. A lease is spent within
+//!   [`LEASE_MS`] of the time it was asked at, so the clicks accepted in any real 60 s
+//!   window were granted in at most 62 consecutive slots; every check therefore sums all
+//!   slots from `slot - 61` on (future slots of instances whose clock runs ahead included).
+//!   The grant checked last among those clicks saw all the others: at most `limit` pass.
+//!   The price is a window of up to 62 s instead of 60 s for an account that sends
+//!   steadily above its limit.
+//! * Day and month counters are keyed by the UTC day and month of the instance's clock,
+//!   the same clock that stamps `received_at`, and a lease never outlives its day, so the
+//!   clicks of a day in ClickHouse are the grants of that day's counter.
+//! * A grant is at most an even share (`ceil(room / instances)`) of what is left, so one
+//!   instance cannot hold the rest of a small limit in a lease while others refuse.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::calendar;
+use super::{AccountLimits, Limit};
+
+/// How long a lease may be spent after the time it was asked at.
+pub const LEASE_MS: u64 = 1000;
+/// Slots of the rolling window a check sums (60 s + the lease + the slot boundary).
+pub const WINDOW_SLOTS: u64 = 62;
+
+/// Unused tokens of a lease, returned to the counters it was taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GiveBack {
+    pub slot: u64,
+    pub day: u32,
+    pub month: u32,
+    pub tokens: u32,
+}
+
+/// Clicks an instance accepted while the store was unreachable, to be added to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalSpends {
+    pub day: u32,
+    pub month: u32,
+    /// Per 1 s slot.
+    pub slots: BTreeMap<u64, u32>,
+    pub total: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaseRequest<'a> {
+    pub account: &'a str,
+    pub now_ms: u64,
+    /// 0: only give back and add.
+    pub want: u32,
+    pub limits: AccountLimits,
+    pub instances: u32,
+    pub give_back: Option<GiveBack>,
+    pub spends: Option<&'a LocalSpends>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseAnswer {
+    Granted {
+        tokens: u32,
+        day_used: u64,
+        month_used: u64,
+    },
+    Refused {
+        limit: Limit,
+        /// For the rate limit: until a slot leaves the window. Day and month limits end
+        /// with their period (computed by the caller).
+        retry_after_ms: u64,
+        day_used: u64,
+        month_used: u64,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("limit store: {0}")]
+pub struct StoreError(pub String);
+
+pub trait QuotaStore: Send + Sync + 'static {
+    fn lease(
+        &self,
+        req: LeaseRequest<'_>,
+    ) -> impl std::future::Future<Output = Result<LeaseAnswer, StoreError>> + Send;
+
+    /// Records this instance as alive; answers how many instances are.
+    fn heartbeat(
+        &self,
+        instance: &str,
+        now_ms: u64,
+    ) -> impl std::future::Future<Output = Result<u32, StoreError>> + Send;
+
+    /// Removes this instance (clean shutdown).
+    fn leave(&self, instance: &str) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// An instance counts as alive this long after its last heartbeat.
+pub const INSTANCE_TTL_MS: u64 = 10_000;
+
+fn limit_of(code: i64) -> Option<Limit> {
+    match code {
+        1 => Some(Limit::PlanRate),
+        2 => Some(Limit::DailyCap),
+        3 => Some(Limit::MonthlyCredits),
+        _ => None,
+    }
+}
+
+// --- Redis ----------------------------------------------------------------------------
+
+/// The lease, as one Lua script (atomic on the server). Keys of one account share a hash
+/// tag, so the script also runs on Redis Cluster. Day counters live 2 days after their last
+/// write and month counters 40, so a late give-back still finds its counter.
+const LEASE_SCRIPT: &str = r"
+-- KEYS: 1 window hash (slot -> grants), 2 day counter, 3 month counter,
+--       4/5 day/month counters of the give-back, 6/7 day/month counters of the spends
+-- ARGV: 1 now_ms, 2 want, 3 rate limit, 4 daily cap (-1: none), 5 monthly limit (-1: none),
+--       6 instances, 7 give-back tokens, 8 give-back slot, 9 spends total, then slot/count pairs
+local now = tonumber(ARGV[1])
+local slot = math.floor(now / 1000)
+local oldest_kept = slot - 61
+local gb = tonumber(ARGV[7])
+if gb > 0 then
+  local c = tonumber(redis.call('HGET', KEYS[1], ARGV[8]) or '0')
+  if c > 0 then redis.call('HINCRBY', KEYS[1], ARGV[8], -math.min(c, gb)) end
+  for _, k in ipairs({KEYS[4], KEYS[5]}) do
+    local v = tonumber(redis.call('GET', k) or '0')
+    if v > 0 then redis.call('DECRBY', k, math.min(v, gb)) end
+  end
+end
+local spent = tonumber(ARGV[9])
+if spent > 0 then
+  for i = 10, #ARGV, 2 do
+    if tonumber(ARGV[i]) >= oldest_kept then redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  end
+  redis.call('EXPIRE', KEYS[1], 180)
+  redis.call('INCRBY', KEYS[6], spent)
+  redis.call('EXPIRE', KEYS[6], 172800)
+  redis.call('INCRBY', KEYS[7], spent)
+  redis.call('EXPIRE', KEYS[7], 3456000)
+end
+local fields = redis.call('HGETALL', KEYS[1])
+local used, oldest = 0, nil
+for i = 1, #fields, 2 do
+  local s, c = tonumber(fields[i]), tonumber(fields[i + 1])
+  if s < oldest_kept then
+    redis.call('HDEL', KEYS[1], fields[i])
+  elseif c > 0 then
+    used = used + c
+    if oldest == nil or s < oldest then oldest = s end
+  end
+end
+local day_used = tonumber(redis.call('GET', KEYS[2]) or '0')
+local month_used = tonumber(redis.call('GET', KEYS[3]) or '0')
+local want = tonumber(ARGV[2])
+if want <= 0 then return {0, 0, 0, day_used, month_used} end
+local room = tonumber(ARGV[3]) - used
+if room <= 0 then
+  local retry = 1000
+  if oldest ~= nil then retry = (oldest + 62) * 1000 - now end
+  return {0, 1, retry, day_used, month_used}
+end
+local cap = tonumber(ARGV[4])
+if cap >= 0 then
+  if day_used >= cap then return {0, 2, 0, day_used, month_used} end
+  room = math.min(room, cap - day_used)
+end
+local monthly = tonumber(ARGV[5])
+if monthly >= 0 then
+  if month_used >= monthly then return {0, 3, 0, day_used, month_used} end
+  room = math.min(room, monthly - month_used)
+end
+local grant = math.min(want, math.ceil(room / math.max(1, tonumber(ARGV[6]))))
+redis.call('HINCRBY', KEYS[1], slot, grant)
+redis.call('EXPIRE', KEYS[1], 180)
+redis.call('INCRBY', KEYS[2], grant)
+redis.call('EXPIRE', KEYS[2], 172800)
+redis.call('INCRBY', KEYS[3], grant)
+redis.call('EXPIRE', KEYS[3], 3456000)
+return {grant, 0, 0, day_used + grant, month_used + grant}
+";
+
+const HEARTBEAT_SCRIPT: &str = r"
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[3]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 3)
+return redis.call('ZCARD', KEYS[1])
+";
+
+/// The shared counters in Redis, through one multiplexed, self-reconnecting connection.
+pub struct RedisStore {
+    client: redis::Client,
+    prefix: String,
+    connection: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
+    lease: redis::Script,
+    heartbeat: redis::Script,
+    timeout: Duration,
+}
+
+impl RedisStore {
+    /// Parses the URL; connects lazily (Redis may come up after ingest).
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, String> {
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        Ok(Self {
+            client,
+            prefix: prefix.to_owned(),
+            connection: tokio::sync::Mutex::new(None),
+            lease: redis::Script::new(LEASE_SCRIPT),
+            heartbeat: redis::Script::new(HEARTBEAT_SCRIPT),
+            timeout,
+        })
+    }
+
+    async fn connection(&self) -> Result<redis::aio::ConnectionManager, StoreError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout)
+            .set_number_of_retries(2)
+            .set_max_delay(1000);
+        let manager = tokio::time::timeout(
+            self.timeout * 2,
+            redis::aio::ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| StoreError("connect timed out".into()))?
+        .map_err(|e| StoreError(e.to_string()))?;
+        *slot = Some(manager.clone());
+        Ok(manager)
+    }
+
+    fn key(&self, account: &str, suffix: &str) -> String {
+        format!("{}{{{account}}}:{suffix}", self.prefix)
+    }
+}
+
+fn signed(limit: Option<u64>) -> i64 {
+    limit.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+impl QuotaStore for RedisStore {
+    async fn lease(&self, req: LeaseRequest<'_>) -> Result<LeaseAnswer, StoreError> {
+        let mut con = self.connection().await?;
+        let day = calendar::day(req.now_ms);
+        let month = calendar::month(req.now_ms);
+        let gb = req.give_back.unwrap_or(GiveBack {
+            slot: 0,
+            day,
+            month,
+            tokens: 0,
+        });
+        let empty = LocalSpends {
+            day,
+            month,
+            ..LocalSpends::default()
+        };
+        let spends = req.spends.unwrap_or(&empty);
+        let mut call = self.lease.prepare_invoke();
+        call.key(self.key(req.account, "w"))
+            .key(self.key(req.account, &format!("d{day}")))
+            .key(self.key(req.account, &format!("m{month}")))
+            .key(self.key(req.account, &format!("d{}", gb.day)))
+            .key(self.key(req.account, &format!("m{}", gb.month)))
+            .key(self.key(req.account, &format!("d{}", spends.day)))
+            .key(self.key(req.account, &format!("m{}", spends.month)))
+            .arg(req.now_ms)
+            .arg(req.want)
+            .arg(req.limits.rate_per_minute)
+            .arg(signed(req.limits.daily_cap))
+            .arg(signed(req.limits.monthly))
+            .arg(req.instances.max(1))
+            .arg(gb.tokens)
+            .arg(gb.slot)
+            .arg(spends.total);
+        for (slot, count) in &spends.slots {
+            call.arg(*slot).arg(*count);
+        }
+        let reply: Vec<i64> = call
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| StoreError(e.to_string()))?;
+        let [granted, refused, retry, day_used, month_used] = reply[..] else {
+            return Err(StoreError(format!("unexpected lease reply {reply:?}")));
+        };
+        let (day_used, month_used) = (day_used.max(0) as u64, month_used.max(0) as u64);
+        Ok(match limit_of(refused) {
+            Some(limit) => LeaseAnswer::Refused {
+                limit,
+                retry_after_ms: retry.max(0) as u64,
+                day_used,
+                month_used,
+            },
+            None => LeaseAnswer::Granted {
+                tokens: u32::try_from(granted.max(0)).unwrap_or(u32::MAX),
+                day_used,
+                month_used,
+            },
+        })
+    }
+
+    async fn heartbeat(&self, instance: &str, now_ms: u64) -> Result<u32, StoreError> {
+        let mut con = self.connection().await?;
+        let n: i64 = self
+            .heartbeat
+            .key(format!("{}instances", self.prefix))
+            .arg(now_ms)
+            .arg(instance)
+            .arg(INSTANCE_TTL_MS)
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| StoreError(e.to_string()))?;
+        Ok(u32::try_from(n.max(1)).unwrap_or(1))
+    }
+
+    async fn leave(&self, instance: &str) {
+        if let Ok(mut con) = self.connection().await {
+            let _: Result<i64, _> = redis::cmd("ZREM")
+                .arg(format!("{}instances", self.prefix))
+                .arg(instance)
+                .query_async(&mut con)
+                .await;
+        }
+    }
+}
+
+// --- in process -------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Counters {
+    slots: BTreeMap<u64, u64>,
+    days: HashMap<u32, u64>,
+    months: HashMap<u32, u64>,
+}
+
+/// The Redis rules in process, for tests (several limiters may share one).
+#[derive(Default)]
+pub struct MemoryStore {
+    accounts: Mutex<HashMap<String, Counters>>,
+    instances: Mutex<HashMap<String, u64>>,
+    /// While set, every call fails (a Redis outage in tests).
+    pub failing: std::sync::atomic::AtomicBool,
+}
+
+impl MemoryStore {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(StoreError("unreachable (test)".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The store's answer, computed like the Lua script.
+    pub fn lease_now(&self, req: &LeaseRequest<'_>) -> Result<LeaseAnswer, StoreError> {
+        self.check()?;
+        let mut all = self
+            .accounts
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        let c = all.entry(req.account.to_owned()).or_default();
+        let slot = req.now_ms / 1000;
+        let oldest_kept = slot.saturating_sub(WINDOW_SLOTS - 1);
+        if let Some(gb) = req.give_back.filter(|g| g.tokens > 0) {
+            let n = u64::from(gb.tokens);
+            if let Some(v) = c.slots.get_mut(&gb.slot) {
+                *v -= n.min(*v);
+            }
+            if let Some(v) = c.days.get_mut(&gb.day) {
+                *v -= n.min(*v);
+            }
+            if let Some(v) = c.months.get_mut(&gb.month) {
+                *v -= n.min(*v);
+            }
+        }
+        if let Some(sp) = req.spends.filter(|s| s.total > 0) {
+            for (s, n) in &sp.slots {
+                if *s >= oldest_kept {
+                    *c.slots.entry(*s).or_default() += u64::from(*n);
+                }
+            }
+            *c.days.entry(sp.day).or_default() += u64::from(sp.total);
+            *c.months.entry(sp.month).or_default() += u64::from(sp.total);
+        }
+        c.slots.retain(|s, _| *s >= oldest_kept);
+        let used: u64 = c.slots.values().sum();
+        let oldest = c.slots.iter().find(|(_, n)| **n > 0).map(|(s, _)| *s);
+        let (day, month) = (calendar::day(req.now_ms), calendar::month(req.now_ms));
+        let day_used = c.days.get(&day).copied().unwrap_or(0);
+        let month_used = c.months.get(&month).copied().unwrap_or(0);
+        let refused = |limit, retry_after_ms| LeaseAnswer::Refused {
+            limit,
+            retry_after_ms,
+            day_used,
+            month_used,
+        };
+        if req.want == 0 {
+            return Ok(LeaseAnswer::Granted {
+                tokens: 0,
+                day_used,
+                month_used,
+            });
+        }
+        let rate = u64::from(req.limits.rate_per_minute);
+        if used >= rate {
+            let retry = oldest.map_or(1000, |s| {
+                ((s + WINDOW_SLOTS) * 1000).saturating_sub(req.now_ms)
+            });
+            return Ok(refused(Limit::PlanRate, retry));
+        }
+        let mut room = rate - used;
+        if let Some(cap) = req.limits.daily_cap {
+            if day_used >= cap {
+                return Ok(refused(Limit::DailyCap, 0));
+            }
+            room = room.min(cap - day_used);
+        }
+        if let Some(monthly) = req.limits.monthly {
+            if month_used >= monthly {
+                return Ok(refused(Limit::MonthlyCredits, 0));
+            }
+            room = room.min(monthly - month_used);
+        }
+        let share = room.div_ceil(u64::from(req.instances.max(1)));
+        let grant = u64::from(req.want).min(share);
+        *c.slots.entry(slot).or_default() += grant;
+        *c.days.entry(day).or_default() += grant;
+        *c.months.entry(month).or_default() += grant;
+        Ok(LeaseAnswer::Granted {
+            tokens: grant as u32,
+            day_used: day_used + grant,
+            month_used: month_used + grant,
+        })
+    }
+}
+
+impl QuotaStore for MemoryStore {
+    async fn lease(&self, req: LeaseRequest<'_>) -> Result<LeaseAnswer, StoreError> {
+        self.lease_now(&req)
+    }
+
+    async fn heartbeat(&self, instance: &str, now_ms: u64) -> Result<u32, StoreError> {
+        self.check()?;
+        let mut all = self
+            .instances
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        all.insert(instance.to_owned(), now_ms);
+        all.retain(|_, at| *at + INSTANCE_TTL_MS > now_ms);
+        Ok(all.len().max(1) as u32)
+    }
+
+    async fn leave(&self, instance: &str) {
+        if let Ok(mut all) = self.instances.lock() {
+            all.remove(instance);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(rate: u32, day: Option<u64>, month: Option<u64>) -> AccountLimits {
+        AccountLimits {
+            rate_per_minute: rate,
+            daily_cap: day,
+            monthly: month,
+        }
+    }
+
+    fn req(now_ms: u64, want: u32, l: AccountLimits) -> LeaseRequest<'static> {
+        LeaseRequest {
+            account: "a",
+            now_ms,
+            want,
+            limits: l,
+            instances: 1,
+            give_back: None,
+            spends: None,
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_in_the_spec_order_with_give_backs() {
+        let s = MemoryStore::default();
+        let t0 = 1_796_212_800_000;
+        let l = limits(5, Some(8), Some(10));
+        assert!(matches!(
+            s.lease_now(&req(t0, 3, l)),
+            Ok(LeaseAnswer::Granted { tokens: 3, .. })
+        ));
+        assert!(matches!(
+            s.lease_now(&req(t0 + 10, 9, l)),
+            Ok(LeaseAnswer::Granted { tokens: 2, .. })
+        ));
+        // The window is full: retry when slot t0 leaves it (62 s of slots).
+        match s.lease_now(&req(t0 + 500, 1, l)) {
+            Ok(LeaseAnswer::Refused {
+                limit: Limit::PlanRate,
+                retry_after_ms,
+                ..
+            }) => assert_eq!(retry_after_ms, 62_000 - 500),
+            other => panic!("{other:?}"),
+        }
+        // Two unused tokens go back: two more pass.
+        let mut r = req(t0 + 900, 5, l);
+        r.give_back = Some(GiveBack {
+            slot: t0 / 1000,
+            day: calendar::day(t0),
+            month: calendar::month(t0),
+            tokens: 2,
+        });
+        assert!(matches!(
+            s.lease_now(&r),
+            Ok(LeaseAnswer::Granted {
+                tokens: 2,
+                day_used: 5,
+                ..
+            })
+        ));
+        // After the window: the daily cap (8) is next, then nothing more today.
+        let later = t0 + 62_000;
+        assert!(matches!(
+            s.lease_now(&req(later, 5, l)),
+            Ok(LeaseAnswer::Granted {
+                tokens: 3,
+                day_used: 8,
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.lease_now(&req(later + 1, 1, l)),
+            Ok(LeaseAnswer::Refused {
+                limit: Limit::DailyCap,
+                ..
+            })
+        ));
+        // The next day: the monthly limit (10) ends it after 2 more.
+        let tomorrow = t0 + calendar::DAY_MS;
+        assert!(matches!(
+            s.lease_now(&req(tomorrow, 5, l)),
+            Ok(LeaseAnswer::Granted {
+                tokens: 2,
+                month_used: 10,
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.lease_now(&req(tomorrow + 1, 1, l)),
+            Ok(LeaseAnswer::Refused {
+                limit: Limit::MonthlyCredits,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_grant_is_at_most_an_even_share_and_spends_are_added() {
+        let s = MemoryStore::default();
+        let t0 = 1_796_212_800_000;
+        let mut r = req(t0, 100, limits(30, None, None));
+        r.instances = 3;
+        assert!(matches!(
+            s.lease_now(&r),
+            Ok(LeaseAnswer::Granted { tokens: 10, .. })
+        ));
+        let spends = LocalSpends {
+            day: calendar::day(t0),
+            month: calendar::month(t0),
+            slots: BTreeMap::from([(t0 / 1000 + 1, 15)]),
+            total: 15,
+        };
+        let mut r = req(t0 + 2000, 100, limits(30, None, None));
+        r.spends = Some(&spends);
+        // 10 + 15 used: 5 left, shared by 1 instance.
+        assert!(matches!(
+            s.lease_now(&r),
+            Ok(LeaseAnswer::Granted {
+                tokens: 5,
+                day_used: 30,
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,237 @@
+//! The limiter against the in-process store, several instances sharing it, on a simulated
+//! clock: the overshoot bounds of the module doc, checked window by window.
+
+use super::*;
+use store::MemoryStore;
+
+const T0: u64 = 1_796_212_800_000; // 2026-12-02 12:00:00 UTC
+
+fn catalogue() -> Arc<Catalogue> {
+    let json = br#"{"v":1,"plans":[
+      {"name":"small","price_usd_month":0,"included_credits_month":1000000,"daily_cap":null,"rate_limit_per_minute":5,"overage_usd_per_1000":null,"overage_default":false},
+      {"name":"big","price_usd_month":0,"included_credits_month":10000000,"daily_cap":null,"rate_limit_per_minute":1000,"overage_usd_per_1000":0.1,"overage_default":true},
+      {"name":"capped","price_usd_month":0,"included_credits_month":25,"daily_cap":12,"rate_limit_per_minute":600,"overage_usd_per_1000":0.5,"overage_default":false}
+    ]}"#;
+    Arc::new(Catalogue::parse(json).expect("catalogue"))
+}
+
+fn account(c: &Catalogue, plan: &str, overage: bool) -> Resolved {
+    Resolved {
+        account_id: Arc::from(format!("acct_{plan}")),
+        account: c.index_of(plan).expect("plan") as u32,
+        plan: c.index_of(plan).expect("plan"),
+        overage,
+    }
+}
+
+fn instances(store: &Arc<MemoryStore>, n: u32) -> Vec<Arc<PlanLimiter<MemoryStore>>> {
+    let c = catalogue();
+    (0..n)
+        .map(|_| {
+            PlanLimiter::new(
+                Arc::clone(store),
+                Arc::clone(&c),
+                LimiterOptions {
+                    wait_budget: Duration::from_millis(20),
+                    store_timeout: Duration::from_millis(500),
+                    expected_instances: n,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The most accepted clicks in any window `[t, t + 60 s)`.
+fn max_per_minute(times: &[u64]) -> usize {
+    let mut best = 0;
+    let mut lo = 0;
+    for hi in 0..times.len() {
+        while times[hi] >= times[lo] + 60_000 {
+            lo += 1;
+        }
+        best = best.max(hi - lo + 1);
+    }
+    best
+}
+
+/// Sends `per_minute` clicks a minute for `secs`, round-robin over the instances; the
+/// accepted times and the refusals.
+async fn load(
+    limiters: &[Arc<PlanLimiter<MemoryStore>>],
+    who: &Resolved,
+    per_minute: u64,
+    secs: u64,
+    start: u64,
+) -> (Vec<u64>, Vec<Refusal>) {
+    let step = 60_000 / per_minute;
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    let mut t = start;
+    let mut i = 0;
+    while t < start + secs * 1000 {
+        let limiter = &limiters[i % limiters.len()];
+        match limiter.check(who, t).await {
+            Ok(_) => accepted.push(t),
+            Err(r) => refused.push(r),
+        }
+        for l in limiters {
+            l.sweep(t);
+        }
+        t += step;
+        i += 1;
+    }
+    (accepted, refused)
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_instances_at_three_times_the_rate_never_exceed_it() {
+    let c = catalogue();
+    for (plan, rate) in [("small", 5u64), ("big", 1000)] {
+        let store = Arc::new(MemoryStore::default());
+        let limiters = instances(&store, 3);
+        let who = account(&c, plan, true);
+        let (accepted, refused) = load(&limiters, &who, rate * 3, 180, T0).await;
+        let worst = max_per_minute(&accepted);
+        assert!(
+            worst as u64 <= rate,
+            "{plan}: {worst} in one minute, limit {rate}"
+        );
+        // And not needlessly strict: a steady sender gets the limit per 62 s window.
+        let expected = rate * 180 / 62;
+        assert!(
+            accepted.len() as u64 >= expected * 9 / 10,
+            "{plan}: only {} accepted of about {expected}",
+            accepted.len()
+        );
+        let r = &refused[0];
+        assert_eq!(
+            (r.limit, r.plan.as_deref(), r.quota, r.window_secs),
+            (Limit::PlanRate, Some(plan), rate, 60)
+        );
+        assert!(r.retry_after <= Duration::from_secs(62) && r.retry_after > Duration::ZERO);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn daily_cap_then_monthly_credits_then_overage() {
+    let c = catalogue();
+    let store = Arc::new(MemoryStore::default());
+    let limiters = instances(&store, 3);
+    // capped: 12 a day, 25 a month without overage.
+    let who = account(&c, "capped", false);
+    let (day1, refused) = load(&limiters, &who, 120, 60, T0).await;
+    assert_eq!(day1.len(), 12);
+    let last = refused.last().expect("refused");
+    assert_eq!(
+        (last.limit, last.quota, last.window_secs),
+        (Limit::DailyCap, 12, 86_400)
+    );
+    // Until the next UTC midnight (12 h after T0, the last refusal a minute later) plus a
+    // few seconds of jitter.
+    let secs = last.retry_after.as_secs();
+    assert!((43_140..=43_206).contains(&secs), "{secs}");
+    let (day2, _) = load(&limiters, &who, 120, 60, T0 + calendar::DAY_MS).await;
+    assert_eq!(day2.len(), 12);
+    let (day3, refused) = load(&limiters, &who, 120, 60, T0 + 2 * calendar::DAY_MS).await;
+    assert_eq!(day3.len(), 1, "25 a month: 1 left on the third day");
+    let last = refused.last().expect("refused");
+    assert_eq!((last.limit, last.quota), (Limit::MonthlyCredits, 25));
+    assert_eq!(last.window_secs, 31 * 86_400);
+    // The overage switch on: the month no longer limits, the daily cap still does.
+    let who = account(&c, "capped", true);
+    let (day4, refused) = load(&limiters, &who, 120, 60, T0 + 3 * calendar::DAY_MS).await;
+    assert_eq!(day4.len(), 12);
+    assert_eq!(refused.last().map(|r| r.limit), Some(Limit::DailyCap));
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_the_store_each_instance_takes_its_share_and_catches_up_later() {
+    let c = catalogue();
+    let store = Arc::new(MemoryStore::default());
+    let limiters = instances(&store, 3);
+    let who = account(&c, "capped", false); // 600/min, 12 a day
+                                            // One click through the store, so the instances know what the day holds.
+    assert!(limiters[0].check(&who, T0).await.is_ok());
+    for l in &limiters {
+        l.heartbeat(T0).await;
+        l.sweep(T0 + 5000);
+    }
+    store
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut per_instance = [0usize; 3];
+    let mut t = T0 + 10_000;
+    for i in 0..300 {
+        if limiters[i % 3].check(&who, t).await.is_ok() {
+            per_instance[i % 3] += 1;
+        }
+        t += 50;
+    }
+    assert!(limiters.iter().all(|l| l.is_degraded()));
+    // Instance 0 knows 11 of the day's 12 are left: ceil(11 / 3) = 4. The others never
+    // heard from the store about this account and take ceil(12 / 3) = 4: one click over the
+    // cap in all (the documented bound is cap + n - 1).
+    assert_eq!(per_instance, [4, 4, 4]);
+    let total: usize = per_instance.iter().sum();
+    // The store answers again: the clicks accepted alone are added to its day counter.
+    store
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    for l in &limiters {
+        l.heartbeat(t).await;
+        assert!(!l.is_degraded());
+        l.sweep(t);
+    }
+    tokio::task::yield_now().await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let day = match store.lease_now(&LeaseRequest {
+        account: &who.account_id,
+        now_ms: t,
+        want: 0,
+        limits: limiters[0].limits_of(&who),
+        instances: 3,
+        give_back: None,
+        spends: None,
+    }) {
+        Ok(LeaseAnswer::Granted { day_used, .. }) => day_used,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(day, 1 + total as u64);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refunded_token_is_spent_again_and_unused_tokens_go_back() {
+    let c = catalogue();
+    let store = Arc::new(MemoryStore::default());
+    let limiter = instances(&store, 1).remove(0);
+    let who = account(&c, "small", false); // 5 a minute
+    let mut tickets = Vec::new();
+    for i in 0..5 {
+        tickets.push(limiter.check(&who, T0 + i).await.expect("within the limit"));
+    }
+    assert!(limiter.check(&who, T0 + 10).await.is_err());
+    limiter.refund(tickets.pop().expect("ticket"));
+    // The refusal is remembered for up to a second; after it, the refunded token passes.
+    assert!(limiter.check(&who, T0 + 1100).await.is_ok());
+    // A big lease that goes unused is given back by the sweeper.
+    let big = account(&c, "big", true);
+    for i in 0..50 {
+        limiter.check(&big, T0 + 5000 + i).await.expect("ok");
+    }
+    limiter.sweep(T0 + 5000 + 2 * LEASE_MS);
+    tokio::task::yield_now().await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let used = match store.lease_now(&LeaseRequest {
+        account: &big.account_id,
+        now_ms: T0 + 8000,
+        want: 0,
+        limits: limiter.limits_of(&big),
+        instances: 1,
+        give_back: None,
+        spends: None,
+    }) {
+        Ok(LeaseAnswer::Granted { day_used, .. }) => day_used,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(used, 50, "what was not spent went back");
+}
