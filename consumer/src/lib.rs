@@ -97,14 +97,17 @@ async fn run(
         shutdown.await;
         trigger.cancel();
     });
+    let mirror_stop = stop.clone();
     let mirror = tokio::spawn(registry::mirror(
         config.clone(),
         Arc::clone(&catalogue),
-        stop.clone(),
+        mirror_stop.clone(),
     ));
     let result = pipeline::Pipeline::new(config, consumer, dlq, writer)
         .run(stop)
         .await;
+    // The pipeline also ends on its own (a fatal dead letter): the mirror ends with it.
+    mirror_stop.cancel();
     let _ = mirror.await;
     stop_ops.cancel();
     result

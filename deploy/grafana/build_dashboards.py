@@ -95,6 +95,19 @@ attribution = dashboard(
     "now-7d",
 )
 
+billing = dashboard(
+    "plans-billing",
+    "Plans and billing",
+    [
+        sql_panel(0, "Credits per hour, top 10 accounts", "account_credits_over_time", "timeseries"),
+        sql_panel(1, "Top accounts (credits, plan, refused clicks)", "top_accounts"),
+        sql_panel(2, "Accounts near or over their caps (day and month of the range's end)", "accounts_near_caps"),
+        sql_panel(3, "Overage revenue per account and month (USD)", "overage_revenue"),
+        sql_panel(4, "Refused clicks by limit", "refusals_by_limit"),
+    ],
+    "now-24h",
+)
+
 health = dashboard(
     "pipeline-health",
     "Pipeline health",
@@ -146,11 +159,20 @@ health = dashboard(
         prom_panel(11, "Targets up", [
             ('up{job=~"ingest|consumer"}', "{{job}} {{instance}}"),
         ]),
+        prom_panel(12, "Plan limits: refusals and Redis", [
+            ("sum by (limit) (rate(ingest_plan_limited_total[1m]))", "refused: {{limit}}"),
+            ("sum(rate(ingest_limits_local_decisions_total[1m]))", "decided without Redis"),
+            ("min(ingest_limits_redis_up)", "Redis up (all instances)"),
+        ]),
+        prom_panel(13, "Referral registry", [
+            ("max(ingest_registry_codes)", "codes held"),
+            ("sum by (result) (rate(ingest_registry_messages_total[5m]))", "messages {{result}}"),
+        ]),
     ],
     "now-1h",
 )
 
 OUT.mkdir(parents=True, exist_ok=True)
-for board in (attribution, health):
+for board in (attribution, billing, health):
     (OUT / f"{board['uid']}.json").write_text(json.dumps(board, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {board['uid']}.json")

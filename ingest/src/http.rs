@@ -166,8 +166,8 @@ impl<S: ClickSink> App<S> {
         req: Request<Incoming>,
         peer: IpAddr,
     ) -> Result<Response<Body>, ApiError> {
-        // One clock reading per click: the limits decide on it and it is the click's
-        // `received_at`, so a click counts in the day (and window) it is stored under.
+        // For the refusal counts; the accepted click's `received_at` is the time its plan
+        // token was taken, so it counts in the day and window it is stored under.
         let now_ms = shared::now_ms();
         let ip = client_ip(
             peer,
@@ -211,7 +211,7 @@ impl<S: ClickSink> App<S> {
         .map_err(ApiError::InvalidParams)?;
 
         let ticket = match &self.plan_limits {
-            Some(limits) => match limits.check(&account, now_ms).await {
+            Some(limits) => match limits.check(&account).await {
                 Ok(ticket) => Some(ticket),
                 Err(refusal) => {
                     let plan = refusal.plan.as_deref().unwrap_or("");
@@ -223,6 +223,8 @@ impl<S: ClickSink> App<S> {
             None => None,
         };
 
+        // Accepted at the moment the plan token was taken (see `limits::Ticket::at_ms`).
+        let received_at_ms = ticket.map_or_else(shared::now_ms, |t| t.at_ms());
         let ip_hash = self.hasher.hash(ip.to_string().as_bytes());
         let ua_hash = self.hasher.hash(&user_agent);
         let is_bot = self.bots.is_bot(&String::from_utf8_lossy(&user_agent));
@@ -232,7 +234,7 @@ impl<S: ClickSink> App<S> {
             &ua_hash,
             self.hasher.key_id(),
             is_bot,
-            now_ms,
+            received_at_ms,
             &account.account_id,
         );
 

@@ -576,6 +576,19 @@ pub async fn metric_value(url: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Sum of the series of `name` whose labels contain `labels` (e.g. `result="skipped"`).
+pub async fn metric_where(url: &str, name: &str, labels: &str) -> f64 {
+    let text = match reqwest::get(url).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return 0.0,
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A topic + database + consumer options, isolated for one test.
 pub struct Scope {
     pub topic: String,
@@ -622,6 +635,29 @@ impl Scope {
             account,
             redis_prefix: format!("{}:", unique("e2e")),
         }
+    }
+
+    /// Runs a `consumer` operator command (accounts, codes) against this scope's registry;
+    /// its exit code and everything it printed.
+    pub async fn consumer_command(&self, args: &[&str], plans: &std::path::Path) -> (i32, String) {
+        let mut cmd = tokio::process::Command::new(bin("consumer"));
+        cmd.args(args)
+            .env("CONSUMER_KAFKA_BROKERS", &self.brokers)
+            .env("CONSUMER_KAFKA_TOPIC", &self.topic)
+            .env("CONSUMER_ACCOUNTS_TOPIC", &self.registry.accounts)
+            .env("CONSUMER_CODES_TOPIC", &self.registry.codes)
+            .env("CONSUMER_REFUSALS_TOPIC", &self.registry.refusals)
+            .env("CONSUMER_PLANS_FILE", plans)
+            .env("LOG_LEVEL", "warn");
+        let out = cmd.output().await.expect("consumer command");
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
     }
 
     /// Registers more codes for the scope's account.
@@ -980,6 +1016,68 @@ impl Drop for PrivateClickHouse {
     fn drop(&mut self) {
         self.proc.signal("CONT");
         self.proc.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A private Redis (Debian's `redis-server`) on a free port, without persistence, for
+/// tests that stop it.
+pub struct PrivateRedis {
+    pub proc: Option<Proc>,
+    pub addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let dir = std::env::temp_dir().join(unique("redis"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut redis = Self {
+            proc: None,
+            addr: free_addr(),
+            dir,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop();
+        let mut cmd = Command::new("redis-server");
+        cmd.current_dir(&self.dir).args([
+            "--port",
+            &self.addr.port().to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
+        self.proc = Some(Proc::spawn("redis", cmd));
+        let addr = self.addr;
+        eventually(
+            "private redis port",
+            Duration::from_secs(20),
+            || async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) },
+        )
+        .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

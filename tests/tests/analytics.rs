@@ -3,7 +3,7 @@
 //! panel of the provisioned dashboards — taken from the dashboard JSON, and required to
 //! equal one of the named queries in deploy/clickhouse/queries — must return those answers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -175,7 +175,8 @@ fn named_queries() -> BTreeMap<String, String> {
     m
 }
 
-fn dashboard_sql_panels() -> Vec<(String, String)> {
+/// `(dashboard uid, panel title, SQL)` of every SQL panel of the provisioned dashboards.
+fn dashboard_sql_panels() -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(root().join("deploy/grafana/dashboards")).expect("dashboards") {
         let path = entry.expect("entry").path();
@@ -185,6 +186,7 @@ fn dashboard_sql_panels() -> Vec<(String, String)> {
             for target in panel["targets"].as_array().into_iter().flatten() {
                 if let Some(sql) = target["rawSql"].as_str() {
                     out.push((
+                        board["uid"].as_str().unwrap_or("").to_owned(),
                         panel["title"].as_str().unwrap_or("").to_owned(),
                         sql.trim().to_owned(),
                     ));
@@ -193,6 +195,77 @@ fn dashboard_sql_panels() -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// Dashboards and named queries cannot drift: every SQL panel is a named query, and every
+/// named query is a panel.
+#[test]
+fn every_sql_panel_is_a_named_query_and_every_named_query_a_panel() {
+    let queries = named_queries();
+    let panels = dashboard_sql_panels();
+    for (uid, title, sql) in &panels {
+        assert!(
+            queries.values().any(|q| q == sql),
+            "{uid}: panel {title:?} has SQL that is not a named query (drift)"
+        );
+    }
+    let unused: Vec<_> = queries
+        .iter()
+        .filter(|(_, q)| !panels.iter().any(|(_, _, sql)| sql == *q))
+        .map(|(n, _)| n)
+        .collect();
+    assert!(unused.is_empty(), "named queries no panel uses: {unused:?}");
+}
+
+/// Runs every SQL panel of dashboard `uid` over `[from, to]` and compares each with its
+/// expected rows (TSV cells; `<hour>`: any whole hour; `~N`: an estimate within max(2, 5 %)).
+async fn check_dashboard(
+    db: &ClickHouse,
+    uid: &str,
+    expected: &BTreeMap<&'static str, Vec<Vec<String>>>,
+    (from, to): (u64, u64),
+) {
+    let queries = named_queries();
+    let panels: Vec<_> = dashboard_sql_panels()
+        .into_iter()
+        .filter(|(u, _, _)| u == uid)
+        .collect();
+    assert!(!panels.is_empty(), "no SQL panels in {uid}");
+    for (_, title, sql) in &panels {
+        let name = queries
+            .iter()
+            .find(|(_, q)| *q == sql)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_else(|| panic!("panel {title:?} has SQL that is not a named query (drift)"));
+        let text = db
+            .query(&format!("{} FORMAT TSV", expand_macros(sql, from, to)))
+            .await;
+        let got: Vec<Vec<String>> = text
+            .lines()
+            .map(|l| l.split('\t').map(str::to_owned).collect())
+            .collect();
+        let want = expected
+            .get(name.as_str())
+            .unwrap_or_else(|| panic!("no expected answer for {name}"));
+        assert_eq!(got.len(), want.len(), "{name}: {got:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.len(), w.len(), "{name}: {g:?} vs {w:?}");
+            for (gc, wc) in g.iter().zip(w) {
+                if wc == "<hour>" {
+                    assert!(gc.ends_with(":00:00"), "{name}: {gc} is not an hour");
+                } else if let Some(approx) = wc.strip_prefix('~') {
+                    let (g, w): (f64, f64) =
+                        (gc.parse().expect("number"), approx.parse().expect("number"));
+                    assert!(
+                        (g - w).abs() <= (w * 0.05).max(2.0),
+                        "{name}: estimate {g} too far from {w}"
+                    );
+                } else {
+                    assert_eq!(gc, wc, "{name}: {g:?} vs {w:?}");
+                }
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -270,63 +343,214 @@ async fn dashboards_and_named_queries_answer_the_known_data_set() {
 
     let hasher = shared::hashing::KeyedHasher::new(HASH_KEY.as_bytes(), "e2e1").expect("key");
     let abuse_hash = hex_upper(&hasher.hash(b"10.7.7.7"));
-    let expected = expected(&abuse_hash);
-    let queries = named_queries();
-    let panels = dashboard_sql_panels();
-    assert!(panels.len() >= 8, "dashboard SQL panels: {}", panels.len());
-
     let now = shared::now_ms() / 1000;
-    let (from, to) = (now - 86_400, now + 3600);
     let db = ClickHouse::new(&format!(
         "{}/?database={}",
         clickhouse_url(),
         scope.database
     ));
-    let mut used = BTreeSet::new();
-    for (title, sql) in &panels {
-        let name = queries
-            .iter()
-            .find(|(_, q)| *q == sql)
-            .map(|(n, _)| n.clone())
-            .unwrap_or_else(|| panic!("panel {title:?} has SQL that is not a named query (drift)"));
-        used.insert(name.clone());
-        let text = db
-            .query(&format!("{} FORMAT TSV", expand_macros(sql, from, to)))
-            .await;
-        let got: Vec<Vec<String>> = text
-            .lines()
-            .map(|l| l.split('\t').map(str::to_owned).collect())
-            .collect();
-        let want = expected
-            .get(name.as_str())
-            .unwrap_or_else(|| panic!("no expected answer for {name}"));
-        assert_eq!(got.len(), want.len(), "{name}: {got:?}");
-        for (g, w) in got.iter().zip(want) {
-            assert_eq!(g.len(), w.len(), "{name}: {g:?} vs {w:?}");
-            for (gc, wc) in g.iter().zip(w) {
-                if wc == "<hour>" {
-                    assert!(gc.ends_with(":00:00"), "{name}: {gc} is not an hour");
-                } else if let Some(approx) = wc.strip_prefix('~') {
-                    let (g, w): (f64, f64) =
-                        (gc.parse().expect("number"), approx.parse().expect("number"));
-                    assert!(
-                        (g - w).abs() <= (w * 0.05).max(2.0),
-                        "{name}: estimate {g} too far from {w}"
-                    );
-                } else {
-                    assert_eq!(gc, wc, "{name}: {g:?} vs {w:?}");
-                }
-            }
-        }
-    }
-    let unused: Vec<_> = queries.keys().filter(|q| !used.contains(*q)).collect();
-    assert!(unused.is_empty(), "named queries no panel uses: {unused:?}");
+    check_dashboard(
+        &db,
+        "referral-attribution",
+        &expected(&abuse_hash),
+        (now - 86_400, now + 3600),
+    )
+    .await;
 
     // The raw table answers the same as the aggregates (the views count each click once).
     let raw = db
         .query(&format!("SELECT countIf(is_bot = 0), uniqExactIf((ip_hash, ua_hash), is_bot = 0), countIf(is_bot = 1) FROM {} FORMAT TSV", scope.table))
         .await;
     assert_eq!(raw.trim(), "110\t32\t10");
+    scope.drop_database().await;
+}
+
+/// The "Plans and billing" dashboard through the real pipeline with plan limits on (real
+/// Redis): credits per account, a daily cap reached, overage billed, refusals by limit; a
+/// client retry is charged once, 4xx never.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_billing_dashboard_answers_the_known_data_set() {
+    // The data set lands within one clock hour and one UTC day.
+    let secs_in_hour = (shared::now_ms() / 1000) % 3600;
+    if secs_in_hour > 3480 {
+        tokio::time::sleep(Duration::from_secs(3600 - secs_in_hour + 1)).await;
+    }
+    let scope = Scope::new("billing", 2).await;
+    let mut catalogue: Value =
+        serde_json::from_str(&std::fs::read_to_string(test_catalogue()).expect("catalogue"))
+            .expect("json");
+    let plans = catalogue["plans"].as_array_mut().expect("plans");
+    plans.push(json!({"name": "kt_capped", "price_usd_month": 1, "included_credits_month": 20, "daily_cap": 10, "rate_limit_per_minute": 1000, "overage_usd_per_1000": null, "overage_default": false}));
+    plans.push(json!({"name": "kt_over", "price_usd_month": 1, "included_credits_month": 5, "daily_cap": null, "rate_limit_per_minute": 1000, "overage_usd_per_1000": 1.0, "overage_default": true}));
+    let catalogue = write_catalogue(&catalogue);
+    // Account ids sort after the scope's own (`acct_…`): capped, then over.
+    let capped = unique("kta");
+    let over = unique("ktb");
+    scope
+        .registry
+        .set_account(&scope.brokers, &capped, "kt_capped", false, true)
+        .await;
+    scope
+        .registry
+        .set_account(&scope.brokers, &over, "kt_over", true, true)
+        .await;
+    scope
+        .registry
+        .set_codes(&scope.brokers, &capped, &["KTCAPPED0001"], true)
+        .await;
+    scope
+        .registry
+        .set_codes(&scope.brokers, &over, &["KTOVER000001"], true)
+        .await;
+    let mut copts = scope.consumer_options();
+    copts.extra_env.push((
+        "CONSUMER_PLANS_FILE".into(),
+        catalogue.display().to_string(),
+    ));
+    let consumer = ConsumerProc::start(&copts);
+    let mut opts = scope.ingest_options();
+    opts.extra_env = vec![
+        ("INGEST_PLANS_FILE".into(), catalogue.display().to_string()),
+        ("INGEST_RATE_LIMIT_BURST".into(), "1000".into()),
+        ("INGEST_REFUSALS_INTERVAL_SECS".into(), "1".into()),
+    ];
+    let ingest = Ingest::start(&opts);
+    ingest.ready().await;
+    consumer.ready().await;
+
+    let c = http();
+    let url = ingest.url("/api/v1/referrals/click");
+    let post = |body: Value| {
+        let c = c.clone();
+        let url = url.clone();
+        async move {
+            c.post(&url)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .expect("post")
+                .status()
+                .as_u16()
+        }
+    };
+    let mut statuses = BTreeMap::<(&str, u16), usize>::new();
+    for (code, n) in [("KTCAPPED0001", 12), ("KTOVER000001", 25), (DOCS_CODE, 3)] {
+        for _ in 0..n {
+            let status = post(json!({"code": code, "click_id": random_click_id()})).await;
+            *statuses.entry((code, status)).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        statuses,
+        BTreeMap::from([
+            (("KTCAPPED0001", 200), 10),
+            (("KTCAPPED0001", 429), 2),
+            (("KTOVER000001", 200), 25),
+            ((DOCS_CODE, 200), 3)
+        ])
+    );
+    // A client retry is the same click; a 400 and an unknown code are never charged.
+    let retry = random_click_id();
+    assert_eq!(
+        post(json!({"code": DOCS_CODE, "click_id": retry})).await,
+        200
+    );
+    assert_eq!(
+        post(json!({"code": DOCS_CODE, "click_id": retry})).await,
+        200
+    );
+    assert_eq!(
+        post(json!({"code": DOCS_CODE, "landing_path": "//evil.example"})).await,
+        400
+    );
+    assert_eq!(post(json!({"code": "UNKNOWNCODE1"})).await, 400);
+    scope.wait_rows(39, Duration::from_secs(30)).await;
+    eventually("the retry consumed", Duration::from_secs(20), || async {
+        (consumer.metric("consumer_messages_consumed_total").await >= 40.0).then_some(())
+    })
+    .await;
+    let db = ClickHouse::new(&format!(
+        "{}/?database={}",
+        clickhouse_url(),
+        scope.database
+    ));
+    eventually(
+        "refusal counts in ClickHouse",
+        Duration::from_secs(20),
+        || async {
+            (db.scalar("SELECT count() FROM account_refusals FORMAT TSV")
+                .await
+                > 0)
+            .then_some(())
+        },
+    )
+    .await;
+    eventually("accounts mirrored", Duration::from_secs(20), || async {
+        (db.scalar("SELECT count() FROM accounts FINAL FORMAT TSV")
+            .await
+            >= 3)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(scope.ch.counts(&scope.table).await, (39, 39));
+
+    let rows = |r: &[&[&str]]| -> Vec<Vec<String>> {
+        r.iter()
+            .map(|row| row.iter().map(|c| (*c).to_owned()).collect())
+            .collect()
+    };
+    let today = chrono_free_today();
+    let month = format!("{}-01", &today[..7]);
+    let me = scope.account.as_str();
+    let mut expected = BTreeMap::new();
+    expected.insert(
+        "account_credits_over_time",
+        rows(&[
+            &["<hour>", me, "4"],
+            &["<hour>", &capped, "10"],
+            &["<hour>", &over, "25"],
+        ]),
+    );
+    expected.insert(
+        "top_accounts",
+        rows(&[
+            &[&over, "kt_over", "25", "0"],
+            &[&capped, "kt_capped", "10", "2"],
+            &[me, TEST_PLAN, "4", "0"],
+        ]),
+    );
+    expected.insert(
+        "accounts_near_caps",
+        rows(&[
+            &[&over, "kt_over", "1", "25", "\\N", "\\N", "25", "5", "500"],
+            &[
+                &capped,
+                "kt_capped",
+                "0",
+                "10",
+                "10",
+                "100",
+                "10",
+                "20",
+                "50",
+            ],
+        ]),
+    );
+    expected.insert(
+        "overage_revenue",
+        rows(&[&[&month, &over, "kt_over", "25", "5", "20", "0.02"]]),
+    );
+    expected.insert("refusals_by_limit", rows(&[&["daily_cap", "2", "1"]]));
+    let now = shared::now_ms() / 1000;
+    check_dashboard(&db, "plans-billing", &expected, (now - 86_400, now + 5)).await;
+
+    // The SPEC's per-account question, and the month's bill.
+    let credits = db
+        .scalar(&format!("SELECT sum(credits) FROM account_credits_daily WHERE account_id = '{over}' AND day = today() FORMAT TSV"))
+        .await;
+    assert_eq!(credits, 25);
     scope.drop_database().await;
 }
 

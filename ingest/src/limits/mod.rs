@@ -100,6 +100,16 @@ pub struct Refusal {
 pub struct Ticket {
     account: u32,
     kind: TicketKind,
+    at_ms: u64,
+}
+
+impl Ticket {
+    /// When the token was taken: the click's `received_at`. Taken no earlier than the
+    /// lease it came from was asked for, and before the lease expired, which is what the
+    /// store's window arithmetic relies on.
+    pub fn at_ms(&self) -> u64 {
+        self.at_ms
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -125,8 +135,12 @@ const SEEN_TRUST_MS: u64 = 300_000;
 /// Per-account state is dropped after this long without clicks.
 const IDLE_MS: u64 = 120_000;
 
+/// Unix milliseconds; the wall clock except in tests.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 /// The plan limiter of one instance.
 pub struct PlanLimiter<S> {
+    clock: Clock,
     store: Arc<S>,
     catalogue: Arc<Catalogue>,
     accounts: RwLock<HashMap<u32, Arc<AccountState>>>,
@@ -347,8 +361,18 @@ fn jitter_ms() -> u64 {
 
 impl<S: QuotaStore> PlanLimiter<S> {
     pub fn new(store: Arc<S>, catalogue: Arc<Catalogue>, options: LimiterOptions) -> Arc<Self> {
+        Self::with_clock(store, catalogue, options, Arc::new(shared::now_ms))
+    }
+
+    pub fn with_clock(
+        store: Arc<S>,
+        catalogue: Arc<Catalogue>,
+        options: LimiterOptions,
+        clock: Clock,
+    ) -> Arc<Self> {
         let instances = options.expected_instances.max(1);
         Arc::new(Self {
+            clock,
             store,
             catalogue,
             accounts: RwLock::new(HashMap::new()),
@@ -357,6 +381,10 @@ impl<S: QuotaStore> PlanLimiter<S> {
             options,
             instance_id: format!("ingest-{:016x}", rand::random::<u64>()),
         })
+    }
+
+    fn now(&self) -> u64 {
+        (self.clock)()
     }
 
     pub fn limits_of(&self, account: &Resolved) -> AccountLimits {
@@ -419,12 +447,9 @@ impl<S: QuotaStore> PlanLimiter<S> {
         }
     }
 
-    /// Takes one token of `account` at `now_ms`, or says which limit refuses the click.
-    pub async fn check(
-        self: &Arc<Self>,
-        account: &Resolved,
-        now_ms: u64,
-    ) -> Result<Ticket, Refusal> {
+    /// Takes one token of `account` now, or says which limit refuses the click. The clock
+    /// is read afresh after every wait, so a token is never taken before its lease existed.
+    pub async fn check(self: &Arc<Self>, account: &Resolved) -> Result<Ticket, Refusal> {
         let limits = self.limits_of(account);
         let state = self.state(account);
         let deadline = Instant::now() + self.options.wait_budget;
@@ -432,6 +457,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
         loop {
             let notified = {
                 let mut s = state.lock();
+                let now_ms = self.now();
                 if first {
                     s.demand += 1;
                     s.last_used_ms = now_ms;
@@ -441,6 +467,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
                     return Ok(Ticket {
                         account: account.account,
                         kind,
+                        at_ms: now_ms,
                     });
                 }
                 if let Some(refused) = s.cached_refusal(now_ms, limits) {
@@ -458,6 +485,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
                         Ok(kind) => Ok(Ticket {
                             account: account.account,
                             kind,
+                            at_ms: now_ms,
                         }),
                         Err(refused) => Err(self.refusal(account, limits, refused, now_ms)),
                     };
@@ -552,6 +580,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
         };
         let result = tokio::time::timeout(self.options.store_timeout, self.store.lease(req)).await;
         let took = started.elapsed();
+        let answered_ms = self.now();
         let mut s = state.lock();
         s.fetching = false;
         match result {
@@ -610,12 +639,12 @@ impl<S: QuotaStore> PlanLimiter<S> {
                         };
                         s.serial += 1;
                         s.refused = None;
-                        if now_ms + took.as_millis() as u64 >= expires_ms {
+                        if answered_ms >= expires_ms {
                             // Too late to spend: straight back with the next call.
                             s.lease = lease;
                             s.retire_lease(expires_ms);
                         } else {
-                            s.retire_lease(now_ms + took.as_millis() as u64);
+                            s.retire_lease(answered_ms);
                             s.lease = lease;
                         }
                     }
@@ -672,7 +701,8 @@ impl<S: QuotaStore> PlanLimiter<S> {
 
     /// One heartbeat: registers this instance, learns how many there are, and is the
     /// health probe that ends a fallback.
-    pub async fn heartbeat(&self, now_ms: u64) {
+    pub async fn heartbeat(&self) {
+        let now_ms = self.now();
         let started = Instant::now();
         let probe = tokio::time::timeout(
             self.options.store_timeout,
@@ -692,7 +722,8 @@ impl<S: QuotaStore> PlanLimiter<S> {
 
     /// Gives back expired leases and adds local spends for accounts without clicks now,
     /// and forgets accounts idle for a while.
-    pub fn sweep(self: &Arc<Self>, now_ms: u64) {
+    pub fn sweep(self: &Arc<Self>) {
+        let now_ms = self.now();
         let states: Vec<Arc<AccountState>> = match self.accounts.read() {
             Ok(m) => m.values().cloned().collect(),
             Err(_) => return,
@@ -731,11 +762,11 @@ impl<S: QuotaStore> PlanLimiter<S> {
             let mut next_heartbeat = Instant::now();
             loop {
                 if Instant::now() >= next_heartbeat {
-                    limiter.heartbeat(shared::now_ms()).await;
+                    limiter.heartbeat().await;
                     let every = if limiter.is_degraded() { 500 } else { 2000 };
                     next_heartbeat = Instant::now() + Duration::from_millis(every);
                 }
-                limiter.sweep(shared::now_ms());
+                limiter.sweep();
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
@@ -748,7 +779,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
                 state.lock().lease.expires_ms = 0;
             }
         }
-        self.sweep(shared::now_ms());
+        self.sweep();
         tokio::time::sleep(Duration::from_millis(200)).await;
         self.store.leave(&self.instance_id).await;
     }

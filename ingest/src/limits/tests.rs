@@ -24,11 +24,19 @@ fn account(c: &Catalogue, plan: &str, overage: bool) -> Resolved {
     }
 }
 
-fn instances(store: &Arc<MemoryStore>, n: u32) -> Vec<Arc<PlanLimiter<MemoryStore>>> {
+/// A simulated wall clock, one per test (tests run in parallel).
+type Sim = Arc<std::sync::atomic::AtomicU64>;
+
+fn sim() -> Sim {
+    Arc::new(std::sync::atomic::AtomicU64::new(T0))
+}
+
+fn instances(store: &Arc<MemoryStore>, n: u32, clock: &Sim) -> Vec<Arc<PlanLimiter<MemoryStore>>> {
     let c = catalogue();
     (0..n)
         .map(|_| {
-            PlanLimiter::new(
+            let clock = Arc::clone(clock);
+            PlanLimiter::with_clock(
                 Arc::clone(store),
                 Arc::clone(&c),
                 LimiterOptions {
@@ -36,9 +44,30 @@ fn instances(store: &Arc<MemoryStore>, n: u32) -> Vec<Arc<PlanLimiter<MemoryStor
                     store_timeout: Duration::from_millis(500),
                     expected_instances: n,
                 },
+                Arc::new(move || clock.load(std::sync::atomic::Ordering::SeqCst)),
             )
         })
         .collect()
+}
+
+fn set(clock: &Sim, t: u64) {
+    clock.store(t, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// `check` at simulated time `t`.
+async fn check_at(
+    clock: &Sim,
+    l: &Arc<PlanLimiter<MemoryStore>>,
+    who: &Resolved,
+    t: u64,
+) -> Result<Ticket, Refusal> {
+    set(clock, t);
+    l.check(who).await
+}
+
+fn sweep_at(clock: &Sim, l: &Arc<PlanLimiter<MemoryStore>>, t: u64) {
+    set(clock, t);
+    l.sweep();
 }
 
 /// The most accepted clicks in any window `[t, t + 60 s)`.
@@ -57,6 +86,7 @@ fn max_per_minute(times: &[u64]) -> usize {
 /// Sends `per_minute` clicks a minute for `secs`, round-robin over the instances; the
 /// accepted times and the refusals.
 async fn load(
+    clock: &Sim,
     limiters: &[Arc<PlanLimiter<MemoryStore>>],
     who: &Resolved,
     per_minute: u64,
@@ -70,12 +100,12 @@ async fn load(
     let mut i = 0;
     while t < start + secs * 1000 {
         let limiter = &limiters[i % limiters.len()];
-        match limiter.check(who, t).await {
-            Ok(_) => accepted.push(t),
+        match check_at(clock, limiter, who, t).await {
+            Ok(ticket) => accepted.push(ticket.at_ms()),
             Err(r) => refused.push(r),
         }
         for l in limiters {
-            l.sweep(t);
+            sweep_at(clock, l, t);
         }
         t += step;
         i += 1;
@@ -88,9 +118,10 @@ async fn three_instances_at_three_times_the_rate_never_exceed_it() {
     let c = catalogue();
     for (plan, rate) in [("small", 5u64), ("big", 1000)] {
         let store = Arc::new(MemoryStore::default());
-        let limiters = instances(&store, 3);
+        let clock = sim();
+        let limiters = instances(&store, 3, &clock);
         let who = account(&c, plan, true);
-        let (accepted, refused) = load(&limiters, &who, rate * 3, 180, T0).await;
+        let (accepted, refused) = load(&clock, &limiters, &who, rate * 3, 180, T0).await;
         let worst = max_per_minute(&accepted);
         assert!(
             worst as u64 <= rate,
@@ -116,10 +147,11 @@ async fn three_instances_at_three_times_the_rate_never_exceed_it() {
 async fn daily_cap_then_monthly_credits_then_overage() {
     let c = catalogue();
     let store = Arc::new(MemoryStore::default());
-    let limiters = instances(&store, 3);
+    let clock = sim();
+    let limiters = instances(&store, 3, &clock);
     // capped: 12 a day, 25 a month without overage.
     let who = account(&c, "capped", false);
-    let (day1, refused) = load(&limiters, &who, 120, 60, T0).await;
+    let (day1, refused) = load(&clock, &limiters, &who, 120, 60, T0).await;
     assert_eq!(day1.len(), 12);
     let last = refused.last().expect("refused");
     assert_eq!(
@@ -130,16 +162,16 @@ async fn daily_cap_then_monthly_credits_then_overage() {
     // few seconds of jitter.
     let secs = last.retry_after.as_secs();
     assert!((43_140..=43_206).contains(&secs), "{secs}");
-    let (day2, _) = load(&limiters, &who, 120, 60, T0 + calendar::DAY_MS).await;
+    let (day2, _) = load(&clock, &limiters, &who, 120, 60, T0 + calendar::DAY_MS).await;
     assert_eq!(day2.len(), 12);
-    let (day3, refused) = load(&limiters, &who, 120, 60, T0 + 2 * calendar::DAY_MS).await;
+    let (day3, refused) = load(&clock, &limiters, &who, 120, 60, T0 + 2 * calendar::DAY_MS).await;
     assert_eq!(day3.len(), 1, "25 a month: 1 left on the third day");
     let last = refused.last().expect("refused");
     assert_eq!((last.limit, last.quota), (Limit::MonthlyCredits, 25));
     assert_eq!(last.window_secs, 31 * 86_400);
     // The overage switch on: the month no longer limits, the daily cap still does.
     let who = account(&c, "capped", true);
-    let (day4, refused) = load(&limiters, &who, 120, 60, T0 + 3 * calendar::DAY_MS).await;
+    let (day4, refused) = load(&clock, &limiters, &who, 120, 60, T0 + 3 * calendar::DAY_MS).await;
     assert_eq!(day4.len(), 12);
     assert_eq!(refused.last().map(|r| r.limit), Some(Limit::DailyCap));
 }
@@ -148,13 +180,15 @@ async fn daily_cap_then_monthly_credits_then_overage() {
 async fn without_the_store_each_instance_takes_its_share_and_catches_up_later() {
     let c = catalogue();
     let store = Arc::new(MemoryStore::default());
-    let limiters = instances(&store, 3);
+    let clock = sim();
+    let limiters = instances(&store, 3, &clock);
     let who = account(&c, "capped", false); // 600/min, 12 a day
                                             // One click through the store, so the instances know what the day holds.
-    assert!(limiters[0].check(&who, T0).await.is_ok());
+    assert!(check_at(&clock, &limiters[0], &who, T0).await.is_ok());
     for l in &limiters {
-        l.heartbeat(T0).await;
-        l.sweep(T0 + 5000);
+        set(&clock, T0);
+        l.heartbeat().await;
+        sweep_at(&clock, l, T0 + 5000);
     }
     store
         .failing
@@ -162,7 +196,7 @@ async fn without_the_store_each_instance_takes_its_share_and_catches_up_later() 
     let mut per_instance = [0usize; 3];
     let mut t = T0 + 10_000;
     for i in 0..300 {
-        if limiters[i % 3].check(&who, t).await.is_ok() {
+        if check_at(&clock, &limiters[i % 3], &who, t).await.is_ok() {
             per_instance[i % 3] += 1;
         }
         t += 50;
@@ -178,9 +212,10 @@ async fn without_the_store_each_instance_takes_its_share_and_catches_up_later() 
         .failing
         .store(false, std::sync::atomic::Ordering::SeqCst);
     for l in &limiters {
-        l.heartbeat(t).await;
+        set(&clock, t);
+        l.heartbeat().await;
         assert!(!l.is_degraded());
-        l.sweep(t);
+        sweep_at(&clock, l, t);
     }
     tokio::task::yield_now().await;
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -203,22 +238,29 @@ async fn without_the_store_each_instance_takes_its_share_and_catches_up_later() 
 async fn a_refunded_token_is_spent_again_and_unused_tokens_go_back() {
     let c = catalogue();
     let store = Arc::new(MemoryStore::default());
-    let limiter = instances(&store, 1).remove(0);
+    let clock = sim();
+    let limiter = instances(&store, 1, &clock).remove(0);
     let who = account(&c, "small", false); // 5 a minute
     let mut tickets = Vec::new();
     for i in 0..5 {
-        tickets.push(limiter.check(&who, T0 + i).await.expect("within the limit"));
+        tickets.push(
+            check_at(&clock, &limiter, &who, T0 + i)
+                .await
+                .expect("within the limit"),
+        );
     }
-    assert!(limiter.check(&who, T0 + 10).await.is_err());
+    assert!(check_at(&clock, &limiter, &who, T0 + 10).await.is_err());
     limiter.refund(tickets.pop().expect("ticket"));
     // The refusal is remembered for up to a second; after it, the refunded token passes.
-    assert!(limiter.check(&who, T0 + 1100).await.is_ok());
+    assert!(check_at(&clock, &limiter, &who, T0 + 1100).await.is_ok());
     // A big lease that goes unused is given back by the sweeper.
     let big = account(&c, "big", true);
     for i in 0..50 {
-        limiter.check(&big, T0 + 5000 + i).await.expect("ok");
+        check_at(&clock, &limiter, &big, T0 + 5000 + i)
+            .await
+            .expect("ok");
     }
-    limiter.sweep(T0 + 5000 + 2 * LEASE_MS);
+    sweep_at(&clock, &limiter, T0 + 5000 + 2 * LEASE_MS);
     tokio::task::yield_now().await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     let used = match store.lease_now(&LeaseRequest {
