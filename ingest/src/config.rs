@@ -59,6 +59,23 @@ pub struct Config {
     #[arg(long, env = "INGEST_RATE_LIMIT_BURST", default_value_t = 20)]
     pub rate_limit_burst: u32,
 
+    /// Requests a minute per network (/24 for IPv4, /48 for IPv6), on top of the per-IP limit.
+    #[arg(
+        long,
+        env = "INGEST_RATE_LIMIT_NETWORK_PER_MINUTE",
+        default_value_t = 1920
+    )]
+    pub rate_limit_network_per_minute: u32,
+
+    /// Burst size of the per-network bucket.
+    #[arg(long, env = "INGEST_RATE_LIMIT_NETWORK_BURST", default_value_t = 320)]
+    pub rate_limit_network_burst: u32,
+
+    /// Most addresses (and most networks) the per-IP limiter tracks; past it, new clients
+    /// share overflow buckets. Bounds memory under a flood of fresh addresses.
+    #[arg(long, env = "INGEST_RATE_LIMIT_MAX_TRACKED", default_value_t = 100_000)]
+    pub rate_limit_max_tracked: usize,
+
     /// CIDRs of proxies whose X-Forwarded-For / Forwarded headers are believed, comma-separated.
     #[arg(long, env = "INGEST_TRUSTED_PROXIES", default_value = "", value_parser = parse_cidrs)]
     pub trusted_proxies: Cidrs,
@@ -254,6 +271,12 @@ impl Config {
                 "INGEST_RATE_LIMIT_PER_MINUTE and INGEST_RATE_LIMIT_BURST: must be at least 1"
                     .into(),
             );
+        }
+        if self.rate_limit_network_per_minute == 0 || self.rate_limit_network_burst == 0 {
+            return Err("INGEST_RATE_LIMIT_NETWORK_PER_MINUTE and INGEST_RATE_LIMIT_NETWORK_BURST: must be at least 1".into());
+        }
+        if !(1000..=100_000_000).contains(&self.rate_limit_max_tracked) {
+            return Err("INGEST_RATE_LIMIT_MAX_TRACKED: must be 1000 to 100000000".into());
         }
         self.kafka_properties
             .refuse("INGEST_KAFKA_PROPERTIES", PRODUCER_PROTECTED)?;

@@ -34,7 +34,7 @@ use crate::envelope::{envelope, ApiError, Body};
 use crate::limits::store::RedisStore;
 use crate::limits::{Limit, PlanLimiter, Refusal};
 use crate::producer::{ClickSink, PublishError};
-use crate::rate_limit::IpRateLimiter;
+use crate::rate_limit::{IpLimits, IpRateLimiter};
 use crate::refusals::RefusalCounts;
 use crate::registry::SharedRegistry;
 use shared::bot::BotDetector;
@@ -71,12 +71,15 @@ pub struct Parts<S> {
 
 impl<S: ClickSink> App<S> {
     pub fn new(config: Config, validated: Validated, parts: Parts<S>) -> Self {
-        let per_minute = std::num::NonZeroU32::new(config.rate_limit_per_minute)
-            .unwrap_or(std::num::NonZeroU32::MIN);
-        let burst =
-            std::num::NonZeroU32::new(config.rate_limit_burst).unwrap_or(std::num::NonZeroU32::MIN);
+        let nz = |v: u32| std::num::NonZeroU32::new(v).unwrap_or(std::num::NonZeroU32::MIN);
         Self {
-            limiter: IpRateLimiter::new(per_minute, burst),
+            limiter: IpRateLimiter::new(IpLimits {
+                per_minute: nz(config.rate_limit_per_minute),
+                burst: nz(config.rate_limit_burst),
+                prefix_per_minute: nz(config.rate_limit_network_per_minute),
+                prefix_burst: nz(config.rate_limit_network_burst),
+                max_tracked: config.rate_limit_max_tracked,
+            }),
             config,
             hasher: validated.hasher,
             cors: validated.cors,

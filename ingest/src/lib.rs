@@ -100,10 +100,10 @@ pub async fn run(
 
     let limiter = app.limiter().clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            limiter.forget_idle();
+            limiter.forget_idle().await;
         }
     });
 

@@ -4,9 +4,16 @@
 //! Invariant: `publish` returns `Ok` only after the broker acknowledged the message
 //! (idempotent producer, `acks=all`); every other outcome is an error the handler turns
 //! into a 503, so a 2xx always means "durably in Kafka".
+//!
+//! Readiness follows what the producer sees, not one probe: the broker counts as reachable
+//! while the periodic metadata probe succeeds, **or** a delivery was acknowledged in the
+//! last 10 s with no delivery failure after it. So a metadata request that is slow under
+//! load does not turn clicks into 503s while produce works, and a broker that stops
+//! acknowledging is noticed at its first failed delivery (then clicks get 503 at once
+//! instead of each waiting out the produce timeout).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -61,8 +68,15 @@ pub struct KafkaSink {
     client_config: ClientConfig,
     topic: String,
     ack_timeout: Duration,
-    ready: Arc<AtomicBool>,
+    /// The last metadata probe succeeded.
+    probe_ok: Arc<AtomicBool>,
+    /// Unix ms of the last acknowledged delivery, and of the last failed one.
+    last_ack_ms: AtomicU64,
+    last_failure_ms: AtomicU64,
 }
+
+/// Acknowledgements this recent keep ingest ready while the metadata probe fails.
+const ACK_FRESH_MS: u64 = 10_000;
 
 impl KafkaSink {
     pub fn new(config: &Config) -> Result<Self, KafkaError> {
@@ -95,7 +109,9 @@ impl KafkaSink {
             client_config: cc,
             topic: config.kafka_topic.clone(),
             ack_timeout: config.produce_timeout() + Duration::from_secs(1),
-            ready: Arc::new(AtomicBool::new(false)),
+            probe_ok: Arc::new(AtomicBool::new(false)),
+            last_ack_ms: AtomicU64::new(0),
+            last_failure_ms: AtomicU64::new(0),
         })
     }
 
@@ -107,22 +123,26 @@ impl KafkaSink {
             loop {
                 let was_ready = sink.is_ready();
                 let ok = sink.check_now().await;
+                let ready = sink.is_ready();
                 if let Some((code, reason)) = sink.current().client().fatal_error() {
                     tracing::error!(%code, %reason, "fatal producer error: replacing the Kafka producer");
                     let replacing = Arc::clone(&sink);
                     let _ = tokio::task::spawn_blocking(move || replacing.recreate()).await;
                 }
-                if ok != was_ready {
-                    if ok {
+                if ready != was_ready {
+                    if ready {
                         tracing::info!(topic = %sink.topic, "broker reachable");
                     } else {
                         tracing::warn!(topic = %sink.topic, "broker not reachable or topic missing");
                     }
+                } else if !ok && ready {
+                    tracing::debug!(topic = %sink.topic, "metadata probe failed; deliveries are acknowledged, so still ready");
                 }
-                metrics::gauge!(m::BROKER_UP).set(if ok { 1.0 } else { 0.0 });
+                metrics::gauge!(m::BROKER_UP).set(if ready { 1.0 } else { 0.0 });
+                metrics::gauge!(m::BROKER_PROBE_OK).set(if ok { 1.0 } else { 0.0 });
                 metrics::gauge!(m::PRODUCER_QUEUE_MESSAGES)
                     .set(f64::from(sink.current().in_flight_count()));
-                tokio::time::sleep(if ok {
+                tokio::time::sleep(if ready {
                     every
                 } else {
                     every.min(Duration::from_millis(500))
@@ -193,14 +213,34 @@ impl KafkaSink {
         let ok = tokio::task::spawn_blocking(move || probe.broker_knows_topic())
             .await
             .unwrap_or(false);
-        self.ready.store(ok, Ordering::Relaxed);
+        self.probe_ok.store(ok, Ordering::Relaxed);
         ok
+    }
+
+    /// See the module doc: the probe, or a fresh acknowledgement not followed by a failure.
+    fn reachable(&self, now_ms: u64) -> bool {
+        if self.probe_ok.load(Ordering::Relaxed) {
+            return true;
+        }
+        let ack = self.last_ack_ms.load(Ordering::Relaxed);
+        ack + ACK_FRESH_MS > now_ms && ack >= self.last_failure_ms.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, result: &Result<(), PublishError>) {
+        let now = shared::now_ms();
+        match result {
+            Ok(()) => self.last_ack_ms.fetch_max(now, Ordering::Relaxed),
+            Err(PublishError::Timeout | PublishError::Broker(_)) => {
+                self.last_failure_ms.fetch_max(now, Ordering::Relaxed)
+            }
+            Err(PublishError::QueueFull | PublishError::NotReady) => 0,
+        };
     }
 }
 
 impl ClickSink for KafkaSink {
     async fn publish(&self, key: &[u8], payload: &[u8]) -> Result<(), PublishError> {
-        if !self.ready.load(Ordering::Relaxed) {
+        if !self.reachable(shared::now_ms()) {
             return Err(PublishError::NotReady);
         }
         let started = Instant::now();
@@ -222,11 +262,12 @@ impl ClickSink for KafkaSink {
             Ok(Ok(Err((e, _)))) => Err(PublishError::Broker(e.to_string())),
         };
         metrics::histogram!(m::PRODUCE_DURATION).record(started.elapsed().as_secs_f64());
+        self.record(&result);
         result
     }
 
     fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.reachable(shared::now_ms())
     }
 
     async fn flush(&self, timeout: Duration) {

@@ -11,7 +11,15 @@ pub const PRODUCE_DURATION: &str = "ingest_produce_duration_seconds";
 pub const PRODUCE_ERRORS_TOTAL: &str = "ingest_produce_errors_total"; // labels: cause
 pub const PRODUCER_QUEUE_MESSAGES: &str = "ingest_producer_queue_messages";
 pub const RATE_LIMITED_TOTAL: &str = "ingest_rate_limited_total";
+/// Clients the per-IP limiter could not track on their own (table full): they share
+/// overflow buckets.
+pub const RATE_LIMIT_UNTRACKED_TOTAL: &str = "ingest_rate_limit_untracked_total"; // labels: table
+/// Keys the per-IP limiter tracks (addresses, networks).
+pub const RATE_LIMIT_TRACKED_KEYS: &str = "ingest_rate_limit_tracked_keys"; // labels: table
+/// 1 while ingest counts the broker as reachable (probe, or fresh acknowledgements).
 pub const BROKER_UP: &str = "ingest_broker_up";
+/// 1 when the last metadata probe succeeded.
+pub const BROKER_PROBE_OK: &str = "ingest_broker_probe_ok";
 /// Registry messages applied or skipped (malformed), by topic kind and result.
 pub const REGISTRY_MESSAGES_TOTAL: &str = "ingest_registry_messages_total"; // labels: kind, result
 pub const REGISTRY_CODES: &str = "ingest_registry_codes";
@@ -21,7 +29,8 @@ pub const REGISTRY_READY: &str = "ingest_registry_ready";
 pub const PLAN_LIMITED_TOTAL: &str = "ingest_plan_limited_total"; // labels: limit
 /// 1 while the shared limit counters in Redis answer; 0: each instance enforces its share.
 pub const LIMITS_REDIS_UP: &str = "ingest_limits_redis_up";
-/// Limit decisions made locally (Redis down or slow), by cause.
+/// Plan-limit decisions made without Redis, by cause: `redis_degraded` (the instance is in a
+/// fallback: Redis failed, timed out or is slow) or `wait_budget` (one click's lease was late).
 pub const LIMITS_LOCAL_DECISIONS_TOTAL: &str = "ingest_limits_local_decisions_total";
 /// Round trips to Redis for token leases.
 pub const LIMITS_LEASES_TOTAL: &str = "ingest_limits_leases_total"; // labels: result
@@ -82,8 +91,9 @@ pub fn register_ingest() {
     );
     describe_gauge!(
         BROKER_UP,
-        "1 when the broker answered the last metadata request"
+        "1 while the broker counts as reachable: the metadata probe succeeds, or deliveries were acknowledged in the last 10 s without a failure since"
     );
+    describe_gauge!(BROKER_PROBE_OK, "1 when the last metadata probe succeeded");
     describe_counter!(
         REGISTRY_MESSAGES_TOTAL,
         "Registry messages applied or skipped as malformed, by kind and result"
@@ -110,9 +120,22 @@ pub fn register_ingest() {
         "Token lease requests to Redis, by result"
     );
     describe_gauge!(LIMITS_INSTANCES, "Ingest instances sharing the limits");
+    describe_counter!(
+        RATE_LIMIT_UNTRACKED_TOTAL,
+        "Requests of clients the per-IP limiter had no room to track (shared overflow buckets)"
+    );
+    describe_gauge!(
+        RATE_LIMIT_TRACKED_KEYS,
+        "Keys tracked by the per-IP limiter, per table (addresses, networks)"
+    );
+    for table in ["addresses", "networks"] {
+        counter!(RATE_LIMIT_UNTRACKED_TOTAL, "table" => table).increment(0);
+    }
     counter!(CLICKS_ACCEPTED_TOTAL).increment(0);
     counter!(RATE_LIMITED_TOTAL).increment(0);
-    counter!(LIMITS_LOCAL_DECISIONS_TOTAL).increment(0);
+    for cause in ["redis_degraded", "wait_budget"] {
+        counter!(LIMITS_LOCAL_DECISIONS_TOTAL, "cause" => cause).increment(0);
+    }
     for limit in ["plan_rate", "daily_cap", "monthly_credits"] {
         counter!(PLAN_LIMITED_TOTAL, "limit" => limit).increment(0);
     }

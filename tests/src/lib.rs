@@ -72,6 +72,20 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A release binary (`deploy/local/test` builds them), for tests that measure throughput
+/// or memory under heavy load.
+pub fn release_bin(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/release")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release --bins` first (deploy/local/test does)",
+        path.display()
+    );
+    path
+}
+
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{:016x}", rand::random::<u64>())
 }
@@ -397,6 +411,35 @@ impl RegistryTopics {
         create_topic(brokers, &self.refusals, 1).await;
     }
 
+    /// Runs a `consumer` operator command (accounts, codes) against these topics; its exit
+    /// code and everything it printed.
+    pub async fn consumer_command(
+        &self,
+        brokers: &str,
+        click_topic: &str,
+        args: &[&str],
+        plans: &std::path::Path,
+    ) -> (i32, String) {
+        let mut cmd = tokio::process::Command::new(bin("consumer"));
+        cmd.args(args)
+            .env("CONSUMER_KAFKA_BROKERS", brokers)
+            .env("CONSUMER_KAFKA_TOPIC", click_topic)
+            .env("CONSUMER_ACCOUNTS_TOPIC", &self.accounts)
+            .env("CONSUMER_CODES_TOPIC", &self.codes)
+            .env("CONSUMER_REFUSALS_TOPIC", &self.refusals)
+            .env("CONSUMER_PLANS_FILE", plans)
+            .env("LOG_LEVEL", "warn");
+        let out = cmd.output().await.expect("consumer command");
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
     /// Writes an account record, as `consumer accounts set` does.
     pub async fn set_account(
         &self,
@@ -475,8 +518,12 @@ pub struct Ingest {
 
 impl Ingest {
     pub fn start(opts: &IngestOptions) -> Self {
+        Self::start_binary(bin("ingest"), opts)
+    }
+
+    pub fn start_binary(binary: PathBuf, opts: &IngestOptions) -> Self {
         let addr = free_addr();
-        let mut cmd = Command::new(bin("ingest"));
+        let mut cmd = Command::new(binary);
         cmd.env("INGEST_LISTEN", addr.to_string())
             .env("INGEST_KAFKA_BROKERS", &opts.brokers)
             .env("INGEST_KAFKA_TOPIC", &opts.topic)
@@ -640,24 +687,9 @@ impl Scope {
     /// Runs a `consumer` operator command (accounts, codes) against this scope's registry;
     /// its exit code and everything it printed.
     pub async fn consumer_command(&self, args: &[&str], plans: &std::path::Path) -> (i32, String) {
-        let mut cmd = tokio::process::Command::new(bin("consumer"));
-        cmd.args(args)
-            .env("CONSUMER_KAFKA_BROKERS", &self.brokers)
-            .env("CONSUMER_KAFKA_TOPIC", &self.topic)
-            .env("CONSUMER_ACCOUNTS_TOPIC", &self.registry.accounts)
-            .env("CONSUMER_CODES_TOPIC", &self.registry.codes)
-            .env("CONSUMER_REFUSALS_TOPIC", &self.registry.refusals)
-            .env("CONSUMER_PLANS_FILE", plans)
-            .env("LOG_LEVEL", "warn");
-        let out = cmd.output().await.expect("consumer command");
-        (
-            out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        self.registry
+            .consumer_command(&self.brokers, &self.topic, args, plans)
+            .await
     }
 
     /// Registers more codes for the scope's account.
@@ -866,6 +898,79 @@ async fn pump(
         if !alive() || to.write_all(&buf[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+/// A TCP proxy in front of a Kafka broker that understands request framing (a 4-byte
+/// size, then the API key): while `slow_metadata` is set it holds every Metadata request
+/// (API key 3) for `delay` and forwards everything else at once. librdkafka matches
+/// responses to requests by correlation id, so produce requests overtake a held Metadata
+/// request: the metadata probe is slow while producing works.
+pub struct KafkaProxy {
+    pub addr: SocketAddr,
+    slow: Arc<AtomicBool>,
+}
+
+impl KafkaProxy {
+    pub async fn start_on(addr: SocketAddr, target: SocketAddr, delay: Duration) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        let slow = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&slow);
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let flag = Arc::clone(&flag);
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut ri, mut wi) = inbound.into_split();
+                    let (mut ro, mut wo) = outbound.into_split();
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+                    let writer = tokio::spawn(async move {
+                        while let Some(frame) = rx.recv().await {
+                            if wo.write_all(&frame).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let reader = async move {
+                        loop {
+                            let mut size = [0u8; 4];
+                            if ri.read_exact(&mut size).await.is_err() {
+                                return;
+                            }
+                            let n = u32::from_be_bytes(size) as usize;
+                            let mut frame = size.to_vec();
+                            frame.resize(4 + n, 0);
+                            if ri.read_exact(&mut frame[4..]).await.is_err() {
+                                return;
+                            }
+                            let api_key = i16::from_be_bytes([frame[4], frame[5]]);
+                            if api_key == 3 && flag.load(Ordering::SeqCst) {
+                                let tx = tx.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(delay).await;
+                                    let _ = tx.send(frame);
+                                });
+                            } else if tx.send(frame).is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let back = async move {
+                        let _ = tokio::io::copy(&mut ro, &mut wi).await;
+                    };
+                    tokio::select! { () = reader => {}, () = back => {} }
+                    writer.abort();
+                });
+            }
+        });
+        Self { addr, slow }
+    }
+
+    pub fn slow_metadata(&self, on: bool) {
+        self.slow.store(on, Ordering::SeqCst);
     }
 }
 
@@ -1166,4 +1271,48 @@ pub fn soak_secs() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+// --- process figures (benchmarks) ----------------------------------------------------------
+
+const CLOCK_TICKS: f64 = 100.0;
+
+/// User + system CPU seconds of a process so far.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / CLOCK_TICKS
+}
+
+/// Peak resident memory of a process (VmHWM), MiB.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Resident memory of a process now (VmRSS), MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
 }

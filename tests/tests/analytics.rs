@@ -551,6 +551,34 @@ async fn the_billing_dashboard_answers_the_known_data_set() {
         .scalar(&format!("SELECT sum(credits) FROM account_credits_daily WHERE account_id = '{over}' AND day = today() FORMAT TSV"))
         .await;
     assert_eq!(credits, 25);
+
+    // The registry mirror: the latest version of each key wins.
+    let code_row = |code: &'static str| {
+        let db = &db;
+        async move {
+            db.query(&format!(
+                "SELECT account_id, status FROM codes FINAL WHERE code = '{code}' FORMAT TSV"
+            ))
+            .await
+            .trim()
+            .to_owned()
+        }
+    };
+    assert_eq!(code_row("KTCAPPED0001").await, format!("{capped}\tactive"));
+    scope
+        .registry
+        .set_codes(&scope.brokers, &over, &["KTOVER000001"], false)
+        .await;
+    eventually(
+        "the disabled code mirrored",
+        Duration::from_secs(20),
+        || async { (code_row("KTOVER000001").await == format!("{over}\tdisabled")).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        db.query(&format!("SELECT plan, overage, status FROM accounts FINAL WHERE account_id = '{over}' FORMAT TSV")).await.trim(),
+        "kt_over\t1\tactive"
+    );
     scope.drop_database().await;
 }
 

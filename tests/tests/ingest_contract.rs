@@ -922,3 +922,153 @@ async fn connections_beyond_the_cap_wait_and_the_cap_holds() {
     let open = metric_value(&ingest.url("/metrics"), "ingest_open_connections").await;
     assert!((1.0..=10.0).contains(&open), "{open}");
 }
+
+/// A flood of a million distinct source addresses (through a trusted proxy's header) keeps
+/// ingest's memory under its 64 MiB target, and another client keeps being served. The
+/// release binary, driven by wrk: the debug build could not take a million requests in
+/// reasonable time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_a_million_fresh_addresses_keeps_memory_bounded_and_others_served() {
+    let scope = Scope::new("contract_flood_1m", 2).await;
+    let mut opts = scope.ingest_options();
+    opts.extra_env = vec![
+        ("INGEST_TRUSTED_PROXIES".into(), "127.0.0.1/32".into()),
+        ("LOG_LEVEL".into(), "warn".into()),
+    ];
+    let ingest = Ingest::start_binary(release_bin("ingest"), &opts);
+    ingest.ready().await;
+    let pid = ingest.proc.child.id();
+    let script = std::env::temp_dir().join(format!("{}.lua", unique("flood")));
+    // Each wrk thread walks its own half of 10.0.0.0/8: every request a fresh address.
+    std::fs::write(
+        &script,
+        r#"
+local threads = 0
+function setup(thread) thread:set("id", threads); threads = threads + 1 end
+local counter, base, quota = 0, 0, 0
+function init(args)
+  base = 167772160 + tonumber(wrk.thread:get("id")) * 8388608
+  quota = tonumber(args[1])
+end
+function request()
+  counter = counter + 1
+  local n = base + counter
+  local ip = string.format("%d.%d.%d.%d", math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256, math.floor(n / 256) % 256, n % 256)
+  return wrk.format("POST", "/api/v1/referrals/click", {["X-Forwarded-For"] = ip, ["Content-Type"] = "application/json"}, '{"code":"not-a-code"}')
+end
+function response(status, headers, body)
+  if counter >= quota then wrk.thread:stop() end
+end
+"#,
+    )
+    .expect("script");
+    let url = ingest.url(PATH);
+    let wrk = {
+        let (url, script) = (url.clone(), script.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("wrk")
+                .args(["-t2", "-c64", "-d300s", "--latency", "-s"])
+                .arg(&script)
+                .arg(&url)
+                .args(["--", "500000"])
+                .output()
+                .expect("wrk (deploy/local/test installs it)")
+        })
+    };
+    // Meanwhile, another client posts real clicks.
+    let c = http();
+    let mut served = 0;
+    let mut slowest = Duration::ZERO;
+    while !wrk.is_finished() {
+        let t = Instant::now();
+        let (status, _, body) = send(
+            c.post(&url)
+                .header("content-type", "application/json")
+                .header("x-forwarded-for", "192.0.2.7")
+                .body(json!({"code": "A1B2C3D4E5F6", "click_id": random_click_id()}).to_string()),
+        )
+        .await;
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(status, 200, "{body}");
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = wrk.await.expect("wrk");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let requests: u64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("wrk output: {text}"));
+    assert!(requests >= 1_000_000, "{requests} requests: {text}");
+    let peak = peak_rss_mib(pid);
+    let metrics = ingest.url("/metrics");
+    let tracked = metric_where(
+        &metrics,
+        "ingest_rate_limit_tracked_keys",
+        r#"table="addresses""#,
+    )
+    .await;
+    println!(
+        "flood: {requests} requests from distinct addresses; ingest peak RSS {peak:.1} MiB; {served} clicks of another client served, slowest {slowest:?}; addresses tracked after {tracked}"
+    );
+    assert!(peak < 64.0, "peak RSS {peak:.1} MiB");
+    assert!(tracked <= 100_064.0, "{tracked}");
+    assert!(
+        served > 0 && slowest < Duration::from_secs(2),
+        "{served} served, slowest {slowest:?}"
+    );
+}
+
+/// A metadata probe that is slow (held 3 s by a Kafka-aware proxy, the probe gives up
+/// after 2 s) while produce requests are acknowledged as usual: ingest stays ready and
+/// every click is answered 200. (Readiness used to follow the probe alone: every click
+/// became a 503.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_metadata_probe_does_not_turn_clicks_into_503s() {
+    let proxy_addr = free_addr();
+    let broker = PrivateBroker::start_advertising(proxy_addr).await;
+    let proxy = KafkaProxy::start_on(proxy_addr, broker.addr, Duration::from_secs(3)).await;
+    let scope = Scope::with_brokers("contract_slow_meta", 2, &proxy_addr.to_string()).await;
+    let mut opts = scope.ingest_options();
+    opts.extra_env = vec![("INGEST_RATE_LIMIT_BURST".into(), "100000".into())];
+    let ingest = Ingest::start(&opts);
+    ingest.ready().await;
+    let c = http();
+    let url = ingest.url(PATH);
+    let metrics = ingest.url("/metrics");
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut probe_failed = false;
+    let mut unready = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(14) {
+        let t = started.elapsed();
+        proxy.slow_metadata(t > Duration::from_secs(2) && t < Duration::from_secs(12));
+        let (_, status) = post_fresh_click(&c, &url).await;
+        *statuses.entry(status).or_insert(0) += 1;
+        if send(c.get(ingest.url("/readyz"))).await.0 != 200 {
+            unready += 1;
+        }
+        probe_failed |= metric_value(&metrics, "ingest_broker_probe_ok").await == 0.0;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        probe_failed,
+        "the metadata probe was never slow enough to fail"
+    );
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<u16>>(),
+        [200],
+        "{statuses:?}"
+    );
+    assert_eq!(unready, 0, "/readyz answered 503 {unready} times");
+    let accepted = statuses[&200];
+    let records = read_topic(
+        &scope.brokers,
+        &scope.topic,
+        accepted,
+        Duration::from_secs(10),
+    );
+    assert_eq!(records.len(), accepted);
+}

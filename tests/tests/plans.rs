@@ -475,6 +475,26 @@ async fn plan_limits_hold_across_three_ingest_instances() {
     for s in senders {
         s.await.expect("sender");
     }
+    let mut local = Vec::new();
+    for i in &ingests {
+        let url = i.url("/metrics");
+        local.push((
+            metric_where(
+                &url,
+                "ingest_limits_local_decisions_total",
+                r#"cause="wait_budget""#,
+            )
+            .await,
+            metric_where(
+                &url,
+                "ingest_limits_local_decisions_total",
+                r#"cause="redis_degraded""#,
+            )
+            .await,
+            metric_where(&url, "ingest_limits_leases_total", r#"result="answered""#).await,
+        ));
+    }
+    println!("per instance (decided alone: lease late, in a fallback; leases answered): {local:?}");
     // Clean stops publish the last refusal counts.
     for i in &mut ingests {
         assert!(i

@@ -128,6 +128,9 @@ pub struct LimiterOptions {
 }
 
 const MAX_WANT: u64 = 10_000;
+/// A store answer this many times slower than the wait budget marks the store slow (one
+/// answer a little over the budget, on a busy machine, is not an outage).
+const SLOW_FACTOR: u32 = 4;
 /// A refusal from the store is reused for at most this long.
 const REFUSAL_REUSE_MS: u64 = 1000;
 /// What the store said about the day and month is trusted this long in a fallback.
@@ -476,7 +479,13 @@ impl<S: QuotaStore> PlanLimiter<S> {
                 }
                 let timed_out = Instant::now() >= deadline;
                 if self.is_degraded() || timed_out {
-                    let cause = if timed_out { "slow" } else { "unreachable" };
+                    // `redis_degraded`: the instance is in a fallback; `wait_budget`: this
+                    // click's lease did not come within INGEST_LIMITS_REDIS_TIMEOUT_MS.
+                    let cause = if self.is_degraded() {
+                        "redis_degraded"
+                    } else {
+                        "wait_budget"
+                    };
                     metrics::counter!(m::LIMITS_LOCAL_DECISIONS_TOTAL, "cause" => cause)
                         .increment(1);
                     let decided = s.decide_locally(limits, self.instances(), now_ms);
@@ -586,7 +595,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
         match result {
             Ok(Ok(answer)) => {
                 metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "answered").increment(1);
-                if took > self.options.wait_budget {
+                if took > self.options.wait_budget * SLOW_FACTOR {
                     self.set_degraded(true, "slow");
                 }
                 if let Some(sent) = &spends {
@@ -709,8 +718,16 @@ impl<S: QuotaStore> PlanLimiter<S> {
             self.store.heartbeat(&self.instance_id, now_ms),
         )
         .await;
+        // Out of a fallback only when Redis answers within the budget again; into one when
+        // it fails, times out, or is SLOW_FACTOR times slower than the budget.
+        let took = started.elapsed();
+        let limit = if self.is_degraded() {
+            self.options.wait_budget
+        } else {
+            self.options.wait_budget * SLOW_FACTOR
+        };
         match probe {
-            Ok(Ok(n)) if started.elapsed() <= self.options.wait_budget => {
+            Ok(Ok(n)) if took <= limit => {
                 self.instances.store(n, Ordering::Relaxed);
                 metrics::gauge!(m::LIMITS_INSTANCES).set(f64::from(n));
                 self.set_degraded(false, "");
