@@ -44,7 +44,12 @@ struct ReaderContext;
 
 impl ClientContext for ReaderContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let eof = matches!(
+            error,
+            KafkaError::PartitionEOF(_)
+                | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        );
+        if !eof {
             tracing::error!(%error, reason, "registry reader error");
         }
     }
@@ -372,6 +377,8 @@ struct CodeRow {
     updated_at: i64,
     version: u64,
     is_deleted: u8,
+    topic: String,
+    partition: u16,
 }
 
 #[derive(Row, Serialize)]
@@ -475,6 +482,8 @@ fn add_message(config: &Config, catalogue: &Catalogue, batch: &mut Batch, msg: &
                 updated_at: 0,
                 version,
                 is_deleted: 1,
+                topic: topic.into(),
+                partition: u16::try_from(msg.partition()).unwrap_or(0),
             },
             Some(v) => match CodeRecord::decode(v) {
                 Ok(r) => CodeRow {
@@ -488,6 +497,8 @@ fn add_message(config: &Config, catalogue: &Catalogue, batch: &mut Batch, msg: &
                     account_id: r.account,
                     version,
                     is_deleted: 0,
+                    topic: topic.into(),
+                    partition: u16::try_from(msg.partition()).unwrap_or(0),
                 },
                 Err(e) => return skipped("code", topic, offset, &e),
             },

@@ -155,6 +155,39 @@ pub struct Config {
     #[arg(long, env = "INGEST_CODES_TOPIC", default_value = shared::registry::CODES_TOPIC)]
     pub codes_topic: String,
 
+    /// ClickHouse holding the consumer's mirror of the codes topic: at start, codes are
+    /// loaded from it and only the topic's tail is read (a full read of a large registry is
+    /// slow on some brokers). Empty: always read the whole topic. Unreachable or out of date
+    /// for the topic: the whole topic is read.
+    #[arg(
+        long,
+        env = "INGEST_REGISTRY_CLICKHOUSE_URL",
+        default_value = "http://127.0.0.1:8123"
+    )]
+    pub registry_clickhouse_url: String,
+
+    #[arg(
+        long,
+        env = "INGEST_REGISTRY_CLICKHOUSE_DATABASE",
+        default_value = "referrals"
+    )]
+    pub registry_clickhouse_database: String,
+
+    #[arg(
+        long,
+        env = "INGEST_REGISTRY_CLICKHOUSE_USER",
+        default_value = "default"
+    )]
+    pub registry_clickhouse_user: String,
+
+    #[arg(
+        long,
+        env = "INGEST_REGISTRY_CLICKHOUSE_PASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub registry_clickhouse_password: String,
+
     /// Where refused-click counts per account and limit are published (counts, not clicks).
     #[arg(long, env = "INGEST_REFUSALS_TOPIC", default_value = shared::registry::REFUSALS_TOPIC)]
     pub refusals_topic: String,
@@ -340,6 +373,17 @@ impl Config {
             if t.is_empty() || topics[..i].contains(t) {
                 return Err("INGEST_KAFKA_TOPIC, INGEST_ACCOUNTS_TOPIC, INGEST_CODES_TOPIC, INGEST_REFUSALS_TOPIC: must be set and all differ".into());
             }
+        }
+        let url = &self.registry_clickhouse_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            return Err("INGEST_REGISTRY_CLICKHOUSE_URL: an http(s) URL, or empty".into());
+        }
+        if !self
+            .registry_clickhouse_database
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err("INGEST_REGISTRY_CLICKHOUSE_DATABASE: letters, digits and _ only".into());
         }
         if !(1..=3600).contains(&self.refusals_interval_secs) {
             return Err("INGEST_REFUSALS_INTERVAL_SECS: must be 1 to 3600".into());

@@ -8,6 +8,7 @@ pub mod config;
 pub mod envelope;
 pub mod http;
 pub mod limits;
+pub mod memory;
 pub mod producer;
 pub mod rate_limit;
 pub mod refusals;
@@ -49,6 +50,12 @@ pub async fn run(
         &registry::Topics {
             accounts: config.accounts_topic.clone(),
             codes: config.codes_topic.clone(),
+            snapshot: (!config.registry_clickhouse_url.is_empty()).then(|| registry::Snapshot {
+                url: config.registry_clickhouse_url.clone(),
+                database: config.registry_clickhouse_database.clone(),
+                user: config.registry_clickhouse_user.clone(),
+                password: config.registry_clickhouse_password.clone(),
+            }),
         },
         &registry,
     );
@@ -101,9 +108,12 @@ pub async fn run(
     let limiter = app.limiter().clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
+        for n in 0u64.. {
             tick.tick().await;
             limiter.forget_idle().await;
+            if n % 60 == 59 {
+                memory::release_freed_c_memory();
+            }
         }
     });
 

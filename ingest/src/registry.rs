@@ -15,6 +15,16 @@
 //!
 //! Each topic has its own consumer and thread (no group: every instance reads everything),
 //! so an end-of-partition event always names a partition of a known topic.
+//!
+//! A large codes topic can take long to read from the beginning (tansu's sqlite storage
+//! serves about 25,000 messages a second: 45 s for a million codes). The consumer mirrors
+//! the codes into ClickHouse with their topic, partition and offset, so the codes follower
+//! first loads that snapshot and then reads each partition only from after the newest
+//! offset the snapshot holds. The result is the same state as a full read: the snapshot
+//! holds, per code, its message at or before that offset, and everything after it is read
+//! in order. It is used only when it fits the topic (every offset between the partition's
+//! first and end offset; no partitions the topic lacks); otherwise, and whenever
+//! ClickHouse does not answer, the topic is read from the beginning.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,6 +34,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use shared::metric_names as m;
@@ -110,6 +121,7 @@ impl SharedRegistry {
             "registry topic read to its end"
         );
         if done == 2 {
+            crate::memory::release_freed_c_memory();
             self.ready.store(true, Ordering::Release);
             metrics::gauge!(m::REGISTRY_READY).set(1.0);
             tracing::info!(
@@ -173,19 +185,30 @@ impl SharedRegistry {
 pub struct Topics {
     pub accounts: String,
     pub codes: String,
+    /// The consumer's ClickHouse mirror of the codes, when configured.
+    pub snapshot: Option<Snapshot>,
+}
+
+/// ClickHouse's `codes` table, as the consumer mirrors it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: String,
 }
 
 /// Starts one follower thread per topic. They run until the process ends.
 pub fn spawn_followers(client: &ClientConfig, topics: &Topics, registry: &Arc<SharedRegistry>) {
-    for (kind, topic) in [
-        (Kind::Accounts, topics.accounts.clone()),
-        (Kind::Codes, topics.codes.clone()),
+    for (kind, topic, snapshot) in [
+        (Kind::Accounts, topics.accounts.clone(), None),
+        (Kind::Codes, topics.codes.clone(), topics.snapshot.clone()),
     ] {
         let client = client.clone();
         let registry = Arc::clone(registry);
         let spawned = std::thread::Builder::new()
             .name(format!("registry-{}", kind.label()))
-            .spawn(move || follow(&client, kind, &topic, &registry));
+            .spawn(move || follow(&client, kind, &topic, snapshot.as_ref(), &registry));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "could not start a registry follower thread");
         }
@@ -198,7 +221,11 @@ struct FollowerContext;
 
 impl ClientContext for FollowerContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let eof = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !eof {
             tracing::error!(%error, reason, "registry consumer error");
         }
     }
@@ -220,18 +247,19 @@ fn consumer_for(client: &ClientConfig, topic: &str) -> Result<Follower, KafkaErr
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
-        // Catching up: large fetches. Following: a change waits at most 100 ms at the broker.
+        // Following: a change waits at most 100 ms at the broker. Catching up: large
+        // fetches keep the broker busy (smaller ones made catch-up 1.7x slower, measured);
+        // the buffers they leave in the C heap are handed back once the registry is loaded
+        // (see `crate::memory`).
         .set("fetch.wait.max.ms", "100")
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "8388608")
-        .set("queued.max.messages.kbytes", "262144")
         .set("reconnect.backoff.max.ms", "1000")
         .create_with_context(FollowerContext)
 }
 
-/// Assigns every partition of `topic` from the beginning; returns the partitions that hold
-/// messages, with the end offset each had.
-fn assign_all(consumer: &Follower, topic: &str) -> Result<Vec<(i32, i64)>, String> {
+/// `(partition, first offset, end offset)` of every partition of `topic`.
+fn watermarks(consumer: &Follower, topic: &str) -> Result<Vec<(i32, i64, i64)>, String> {
     let timeout = Duration::from_secs(5);
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
@@ -246,29 +274,124 @@ fn assign_all(consumer: &Follower, topic: &str) -> Result<Vec<(i32, i64)>, Strin
             ))
         }
     };
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = Vec::new();
-    for p in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .map_err(|e| e.to_string())?;
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .map_err(|e| e.to_string())?;
-        if high > low {
-            ends.push((p, high));
-        }
-    }
-    consumer.assign(&tpl).map_err(|e| e.to_string())?;
-    Ok(ends)
+    partitions
+        .into_iter()
+        .map(|p| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, timeout)
+                .map_err(|e| e.to_string())?;
+            Ok((p, low, high))
+        })
+        .collect()
 }
 
-fn follow(client: &ClientConfig, kind: Kind, topic: &str, registry: &SharedRegistry) {
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct Position {
+    partition: u16,
+    version: u64,
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct CodeState {
+    code: String,
+    account_id: String,
+    active: u8,
+}
+
+/// Loads the codes of `topic` from the snapshot into the registry; the offset to read each
+/// partition from. An error (ClickHouse not answering, a snapshot that does not fit the
+/// topic) leaves what was loaded, which a read from the beginning then brings up to date.
+fn load_snapshot(
+    snapshot: &Snapshot,
+    topic: &str,
+    partitions: &[(i32, i64, i64)],
+    registry: &SharedRegistry,
+) -> Result<(Vec<(i32, i64)>, usize), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let client = clickhouse::Client::default()
+        .with_url(&snapshot.url)
+        .with_database(&snapshot.database)
+        .with_user(&snapshot.user)
+        .with_password(&snapshot.password)
+        .with_validation(false);
+    runtime.block_on(async {
+        let timeout = Duration::from_secs(30);
+        let positions: Vec<Position> = tokio::time::timeout(
+            timeout,
+            client
+                .query("SELECT partition, max(version) AS version FROM codes WHERE topic = ? GROUP BY partition")
+                .bind(topic)
+                .fetch_all(),
+        )
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+        let mut starts = Vec::new();
+        for (p, low, high) in partitions {
+            let start = match positions.iter().find(|x| i32::from(x.partition) == *p) {
+                Some(x) => i64::try_from(x.version).unwrap_or(i64::MAX).saturating_add(1),
+                None => *low,
+            };
+            // Offsets the topic does not have: it was recreated, or compacted past them.
+            if start < *low || start > *high {
+                return Err(format!(
+                    "partition {p}: the snapshot reaches offset {start}, the topic holds {low}..{high}"
+                ));
+            }
+            starts.push((*p, start));
+        }
+        if let Some(x) = positions
+            .iter()
+            .find(|x| !partitions.iter().any(|(p, _, _)| *p == i32::from(x.partition)))
+        {
+            return Err(format!("the snapshot has partition {} the topic lacks", x.partition));
+        }
+        let mut cursor = client
+            .query("SELECT code, account_id, status = 'active' AS active FROM codes FINAL WHERE topic = ? AND is_deleted = 0")
+            .bind(topic)
+            .with_setting("max_execution_time", "60")
+            .fetch::<CodeState>()
+            .map_err(|e| e.to_string())?;
+        let mut loaded = 0;
+        let mut chunk = Vec::with_capacity(10_000);
+        loop {
+            let row = cursor.next().await.map_err(|e| e.to_string())?;
+            let done = row.is_none();
+            chunk.extend(row);
+            if done || chunk.len() == chunk.capacity() {
+                let mut r = registry.write();
+                for c in chunk.drain(..) {
+                    // A row the topic would not hold (cannot happen through the mirror) is
+                    // left out, as a malformed message would be.
+                    if r.set_code(&c.code, &c.account_id, c.active == 1).is_ok() {
+                        loaded += 1;
+                    }
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        Ok((starts, loaded))
+    })
+}
+
+fn follow(
+    client: &ClientConfig,
+    kind: Kind,
+    topic: &str,
+    snapshot: Option<&Snapshot>,
+    registry: &SharedRegistry,
+) {
     let started = Instant::now();
     let mut last_warning: Option<Instant> = None;
-    let (consumer, ends) = loop {
+    let (consumer, partitions) = loop {
         let attempt = consumer_for(client, topic)
             .map_err(|e| e.to_string())
-            .and_then(|c| assign_all(&c, topic).map(|ends| (c, ends)));
+            .and_then(|c| watermarks(&c, topic).map(|w| (c, w)));
         match attempt {
             Ok(ready) => break ready,
             Err(e) => {
@@ -280,8 +403,53 @@ fn follow(client: &ClientConfig, kind: Kind, topic: &str, registry: &SharedRegis
             }
         }
     };
+    if kind == Kind::Codes {
+        // At most this many codes arrive while catching up (fewer if keys repeat); capped so
+        // that a long uncompacted history does not reserve more than 10 M entries.
+        let messages: i64 = partitions.iter().map(|(_, low, high)| high - low).sum();
+        registry
+            .write()
+            .reserve_codes(usize::try_from(messages).unwrap_or(0).min(10_000_000));
+    }
+    let mut starts: Vec<(i32, i64)> = partitions.iter().map(|(p, low, _)| (*p, *low)).collect();
+    if let Some(snapshot) = snapshot {
+        let loading = Instant::now();
+        match load_snapshot(snapshot, topic, &partitions, registry) {
+            Ok((resume, codes)) => {
+                let tail: i64 = resume
+                    .iter()
+                    .zip(&partitions)
+                    .map(|((_, start), (_, _, high))| high - start)
+                    .sum();
+                tracing::info!(
+                    topic,
+                    codes,
+                    tail_messages = tail,
+                    elapsed_ms = loading.elapsed().as_millis() as u64,
+                    "registry codes loaded from ClickHouse; reading the topic's tail"
+                );
+                starts = resume;
+            }
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "registry snapshot in ClickHouse not used; reading the whole topic")
+            }
+        }
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, start) in &starts {
+        let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*start));
+    }
+    if let Err(e) = consumer.assign(&tpl) {
+        tracing::error!(topic, error = %e, "registry topic not assigned; not ready");
+        return;
+    }
     // Partitions still to read up to their end offset at start.
-    let mut pending: Vec<(i32, i64)> = ends;
+    let mut pending: Vec<(i32, i64)> = partitions
+        .iter()
+        .zip(&starts)
+        .filter(|((_, _, high), (_, start))| high > start)
+        .map(|((p, _, high), _)| (*p, *high))
+        .collect();
     let mut at_end: HashSet<i32> = HashSet::new();
     let mut skipped = 0u64;
     let mut caught_up = false;

@@ -199,6 +199,23 @@ pub fn read_topic(brokers: &str, topic: &str, expected: usize, timeout: Duration
     out
 }
 
+/// Produces a tombstone (a message without a value) for `key`.
+pub async fn produce_tombstone(brokers: &str, topic: &str, key: &str) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(topic).key(key),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produce");
+}
+
 /// Produces raw payloads (e.g. poison messages) with acks=all.
 pub async fn produce_raw(brokers: &str, topic: &str, messages: &[(Option<&str>, &[u8])]) {
     use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -533,6 +550,8 @@ impl Ingest {
             .env("INGEST_PLANS_FILE", test_catalogue())
             .env("INGEST_REDIS_URL", redis_url())
             .env("INGEST_REDIS_PREFIX", &opts.redis_prefix)
+            // The registry from the topics only, unless a test points at its mirror.
+            .env("INGEST_REGISTRY_CLICKHOUSE_URL", "")
             .env("INGEST_HASH_KEY", HASH_KEY)
             .env("INGEST_HASH_KEY_ID", "e2e1");
         for (k, v) in &opts.extra_env {

@@ -311,6 +311,115 @@ async fn registry_commands_are_in_force_on_a_running_ingest_within_two_seconds()
     assert_eq!(records.len(), accepted);
 }
 
+/// A new ingest loads the codes from the consumer's ClickHouse mirror and reads only the
+/// topic's tail, ending in the state a full read gives; a mirror that does not fit the
+/// topic (offsets it lacks) is not used.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_ingest_loads_the_codes_from_clickhouse_and_reads_only_the_tail() {
+    let scope = Scope::new("plans_snapshot", 2).await;
+    let codes: Vec<String> = (0..2000).map(|i| format!("SNAP{i:08}")).collect();
+    let refs: Vec<&str> = codes.iter().map(String::as_str).collect();
+    scope.register_codes(&refs).await;
+    scope
+        .registry
+        .set_codes(&scope.brokers, &scope.account, &["SNAP00000001"], false)
+        .await;
+    produce_tombstone(&scope.brokers, &scope.registry.codes, "SNAP00000002").await;
+    // The consumer mirrors the codes, then stops; the tail comes after.
+    let mut consumer = ConsumerProc::start(&scope.consumer_options());
+    consumer.ready().await;
+    let db = ClickHouse::new(&format!(
+        "{}/?database={}",
+        clickhouse_url(),
+        scope.database
+    ));
+    let mirrored = format!(
+        "SELECT uniqExact(code) >= 2001 AND countIf(code = 'SNAP00000001' AND status = 'disabled') > 0 \
+         AND countIf(code = 'SNAP00000002' AND is_deleted = 1) > 0 FROM codes WHERE topic = '{}' FORMAT TSV",
+        scope.registry.codes
+    );
+    eventually("codes mirrored", Duration::from_secs(60), || async {
+        (db.scalar(&mirrored).await == 1).then_some(())
+    })
+    .await;
+    assert!(consumer.proc.terminate(Duration::from_secs(30)).is_some());
+    scope.register_codes(&["TAIL00000001"]).await;
+    scope
+        .registry
+        .set_codes(&scope.brokers, &scope.account, &["SNAP00000003"], false)
+        .await;
+
+    let snapshot_env = |db: &str| {
+        vec![
+            (
+                "INGEST_REGISTRY_CLICKHOUSE_URL".to_owned(),
+                clickhouse_url(),
+            ),
+            (
+                "INGEST_REGISTRY_CLICKHOUSE_DATABASE".to_owned(),
+                db.to_owned(),
+            ),
+            ("INGEST_RATE_LIMIT_BURST".to_owned(), "100000".to_owned()),
+        ]
+    };
+    let mut opts = scope.ingest_options();
+    opts.extra_env = snapshot_env(&scope.database);
+    let ingest = Ingest::start(&opts);
+    ingest.ready().await;
+    let log = ingest.proc.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("registry codes loaded from ClickHouse"))
+        .unwrap_or_else(|| panic!("not loaded from ClickHouse:\n{log}"));
+    // 2,001 codes (one deleted); the tail: a new code and a disabled one.
+    assert!(
+        line.contains("codes\u{1b}[0m\u{1b}[2m=\u{1b}[0m2000") || line.contains("codes=2000"),
+        "{line}"
+    );
+    assert!(
+        line.contains("tail_messages\u{1b}[0m\u{1b}[2m=\u{1b}[0m2")
+            || line.contains("tail_messages=2"),
+        "{line}"
+    );
+    let c = http();
+    let url = ingest.url(PATH);
+    for (code, want) in [
+        ("SNAP00000000", 200),
+        ("SNAP00001999", 200),
+        ("SNAP00000001", 400),
+        ("SNAP00000002", 400),
+        ("SNAP00000003", 400),
+        ("TAIL00000001", 200),
+        (DOCS_CODE, 200),
+    ] {
+        assert_eq!(post(&c, &url, code).await.0, want, "{code}");
+    }
+    drop(ingest);
+
+    // A mirror that claims an offset the topic does not have (a recreated topic): the
+    // whole topic is read instead, and the claimed code is not taken from it.
+    db.query(&format!(
+        "INSERT INTO codes (code, account_id, status, updated_at, version, is_deleted, topic, partition) VALUES ('GHOST0000001', '{}', 'active', now64(3), 99999999, 0, '{}', 0)",
+        scope.account, scope.registry.codes
+    ))
+    .await;
+    let ingest = Ingest::start(&opts);
+    ingest.ready().await;
+    assert!(
+        ingest
+            .proc
+            .log_text()
+            .contains("registry snapshot in ClickHouse not used"),
+        "{}",
+        ingest.proc.log_text()
+    );
+    let url = ingest.url(PATH);
+    assert_eq!(post(&c, &url, "GHOST0000001").await.0, 400);
+    assert_eq!(post(&c, &url, "TAIL00000001").await.0, 200);
+    assert_eq!(post(&c, &url, "SNAP00000003").await.0, 400);
+    scope.drop_database().await;
+}
+
 /// The test catalogue of the limits bar: the docs page's rate limits, with daily and
 /// monthly figures short enough to be reached in three minutes.
 fn short_catalogue() -> PathBuf {
