@@ -1,7 +1,7 @@
 //! Kafka plumbing of the consumer: the group member and its context (rebalance events and
 //! lag from librdkafka statistics), topic creation, and the dead-letter producer.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -29,9 +29,72 @@ pub enum Rebalanced {
 pub struct Context {
     topic: String,
     events: Mutex<Vec<Rebalanced>>,
+    gate: Arc<FlushGate>,
+}
+
+/// Whether a flush is running in its own task. A revoke waits here until it is done, so
+/// that no insert for a partition happens after its revoke returned (invariant 4 of the
+/// pipeline), however long the flush takes up to its deadline.
+pub struct FlushGate {
+    busy: Mutex<bool>,
+    idle: Condvar,
+    limit: Duration,
+}
+
+impl FlushGate {
+    pub fn new(limit: Duration) -> Self {
+        Self {
+            busy: Mutex::new(false),
+            idle: Condvar::new(),
+            limit,
+        }
+    }
+
+    /// Marks a flush as running until the guard is dropped (also on a panic).
+    pub fn enter(self: &Arc<Self>) -> FlushGuard {
+        if let Ok(mut b) = self.busy.lock() {
+            *b = true;
+        }
+        FlushGuard(Arc::clone(self))
+    }
+
+    fn wait_idle(&self) {
+        let wait = || {
+            if let Ok(guard) = self.busy.lock() {
+                let _ = self
+                    .idle
+                    .wait_timeout_while(guard, self.limit, |busy| *busy);
+            }
+        };
+        // The callback runs on a runtime worker (inside `recv`): let the runtime move that
+        // worker's other tasks, the flush among them perhaps, to another thread meanwhile.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        }
+    }
+}
+
+pub struct FlushGuard(Arc<FlushGate>);
+
+impl Drop for FlushGuard {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.0.busy.lock() {
+            *b = false;
+        }
+        self.0.idle.notify_all();
+    }
 }
 
 impl Context {
+    pub fn gate(&self) -> &Arc<FlushGate> {
+        &self.gate
+    }
+
+    pub fn has_events(&self) -> bool {
+        self.events.lock().is_ok_and(|e| !e.is_empty())
+    }
+
     pub fn take_events(&self) -> Vec<Rebalanced> {
         self.events
             .lock()
@@ -76,6 +139,7 @@ impl ConsumerContext for Context {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts = self.partitions(tpl);
+            self.gate.wait_idle();
             tracing::info!(partitions = ?parts, "partitions revoked");
             self.record(Rebalanced::Revoked(parts));
         }
@@ -109,6 +173,9 @@ pub fn consumer(config: &Config) -> rdkafka::error::KafkaResult<Consumer> {
     let context = Context {
         topic: config.kafka_topic.clone(),
         events: Mutex::new(Vec::new()),
+        gate: Arc::new(FlushGate::new(Duration::from_millis(
+            config.flush_deadline_ms,
+        ))),
     };
     client_config(config)
         .set("group.id", &config.group_id)

@@ -82,6 +82,17 @@ impl PartitionState {
         self.entries.is_empty()
     }
 
+    /// Takes the messages that arrived while this state was away being flushed (`newer`
+    /// holds only later offsets); this state's plan and remembered ids stand.
+    pub fn append(&mut self, newer: PartitionState) {
+        if self.oldest.is_none() {
+            self.oldest = newer.oldest;
+        }
+        for e in newer.entries {
+            self.push(e.offset, e.hash, e.row);
+        }
+    }
+
     /// Rows in hand (dead-lettered messages excluded).
     pub fn rows(&self) -> usize {
         self.rows
@@ -355,6 +366,36 @@ mod tests {
             member: member.into(),
             planned_at_ms: 0,
         }
+    }
+
+    #[test]
+    fn messages_that_arrived_during_a_flush_join_the_state_after_it() {
+        let mut away = state(0..5);
+        let range = away.propose().expect("plan");
+        let recorded = [RecordedPlan {
+            range: range.clone(),
+            member: "me".into(),
+            planned_at_ms: 0,
+        }];
+        assert_eq!(away.agree(&recorded, "me", 0), Agreement::Agreed);
+        let mut meanwhile = PartitionState::new(0, RecentIds::new(60_000, 100));
+        for o in 5..8 {
+            let id = format!("refclk_{o}");
+            meanwhile.push(
+                o,
+                message_hash(None, id.as_bytes()),
+                Some(row(o as u64, &id, 2000)),
+            );
+        }
+        assert_eq!(away.complete(), Some(5));
+        away.append(meanwhile);
+        assert_eq!(away.rows(), 3);
+        assert!(
+            away.recent.contains("refclk_4"),
+            "the ids of the flushed plan stay known"
+        );
+        let next = away.propose().expect("next plan");
+        assert_eq!((next.lo, next.hi), (5, 7));
     }
 
     #[test]

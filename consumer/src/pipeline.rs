@@ -19,12 +19,18 @@
 //!    that member's insert is still running on the server, or if a stalled member wakes up
 //!    and sends a late insert or a late proposal. Plans of an older incarnation of the topic
 //!    (same offsets, other messages) have other digests and are passed over.
-//! 4. **Bounded work, bounded time.** A flush (ownership check, id reload, proposal, plan
-//!    read, inserts) has one deadline (`CONSUMER_FLUSH_DEADLINE_MS`) far below
-//!    `max.poll.interval.ms`, so the member keeps polling and stays in its group; each query
-//!    reads only the keys it needs. When the deadline passes, the plans in hand stay as they
-//!    are and are sent again (invariant 2). Right before proposing and before inserting,
-//!    partitions no longer in the assignment are dropped unwritten.
+//! 4. **Bounded work, bounded time; no insert after a revoke.** A flush (ownership check,
+//!    id reload, proposal, plan read, inserts) has one deadline (`CONSUMER_FLUSH_DEADLINE_MS`)
+//!    far below `max.poll.interval.ms`, so the member keeps polling and stays in its group;
+//!    each query reads only the keys it needs. When the deadline passes, the plans in hand
+//!    stay as they are and are sent again (invariant 2). Right before proposing and before
+//!    inserting, partitions no longer in the assignment are dropped unwritten.
+//!    A flush runs in a task of its own on the partitions it writes, moved out of the loop,
+//!    while the loop goes on receiving and decoding into fresh buffers (fetching and
+//!    inserting overlap; they are merged back when the flush returns). At most one flush is
+//!    in flight. A revoke callback (it runs inside `recv`) waits until that flush is done,
+//!    and rebalance events are applied only after its partitions are back: no insert for a
+//!    partition happens after its revoke returned.
 //! 5. **A client retry is one click.** The message key is the click id, so a retried click
 //!    lands in the partition of the first one; a row whose click id was written within the
 //!    dedup window of *ingest* time (remembered per partition after every stored plan,
@@ -72,14 +78,29 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// reaches past them), the next flush comes no sooner than this.
 const WAIT_FOR_MESSAGES: Duration = Duration::from_millis(100);
 
+type Partitions = BTreeMap<i32, PartitionState>;
+
+/// What a flush needs besides the partitions it writes; shared with the flush's task.
+struct Flusher {
+    config: Config,
+    consumer: Arc<Consumer>,
+    writer: Writer,
+    /// This process in the plans table.
+    member: String,
+}
+
+/// A flush in its own task: it gives back the partitions it took, and its outcome.
+type InFlight = tokio::task::JoinHandle<(Partitions, Result<bool, FlushError>)>;
+
 pub struct Pipeline {
     config: Config,
     consumer: Arc<Consumer>,
     dlq: FutureProducer,
-    writer: Writer,
-    /// This process in the plans table.
-    member: String,
-    partitions: BTreeMap<i32, PartitionState>,
+    flusher: Arc<Flusher>,
+    partitions: Partitions,
+    in_flight: Option<InFlight>,
+    /// Rows the flush in flight took with it.
+    in_flight_rows: usize,
     retry_at: Option<Instant>,
     backoff: Duration,
     paused: bool,
@@ -111,13 +132,20 @@ impl Pipeline {
         dlq: FutureProducer,
         writer: Writer,
     ) -> Self {
+        let flusher = Arc::new(Flusher {
+            config: config.clone(),
+            consumer: Arc::clone(&consumer),
+            writer,
+            member: format!("consumer-{:016x}", rand::random::<u64>()),
+        });
         Self {
             config,
             consumer,
             dlq,
-            writer,
-            member: format!("consumer-{:016x}", rand::random::<u64>()),
+            flusher,
             partitions: BTreeMap::new(),
+            in_flight: None,
+            in_flight_rows: 0,
             retry_at: None,
             backoff: MIN_BACKOFF,
             paused: false,
@@ -132,17 +160,21 @@ impl Pipeline {
         loop {
             // Callbacks run inside `recv()`, also when it returns nothing to us (a quiet
             // topic, or the timer won the select): apply them before anything may flush.
-            self.apply_rebalances();
-            if self.flush_due() {
-                self.flush(CommitMode::Async).await;
+            self.apply_rebalances().await;
+            if self.in_flight.is_none() && self.flush_due() {
+                self.start_flush(CommitMode::Async);
                 continue;
             }
             let wake = self.next_wake();
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                done = async { self.in_flight.as_mut().expect("guarded").await }, if self.in_flight.is_some() => {
+                    self.in_flight = None;
+                    self.finish_flush(done);
+                }
                 msg = consumer.recv() => {
-                    self.apply_rebalances();
+                    self.apply_rebalances().await;
                     match msg {
                         Ok(msg) => {
                             if let Err(fatal) = self.handle(&msg).await {
@@ -174,10 +206,11 @@ impl Pipeline {
             rows = self.buffered_rows(),
             "shutting down: flushing the rows in hand"
         );
+        self.wait_for_flush().await;
         let deadline = Instant::now() + Duration::from_secs(self.config.shutdown_grace_secs);
         while self.partitions.values().any(|p| !p.is_empty()) {
-            if self.flush(CommitMode::Sync).await
-                && self.partitions.values().all(PartitionState::is_empty)
+            self.start_flush(CommitMode::Sync);
+            if self.wait_for_flush().await && self.partitions.values().all(PartitionState::is_empty)
             {
                 break;
             }
@@ -194,13 +227,18 @@ impl Pipeline {
             tokio::time::sleep(wait).await;
         }
         self.consumer.unsubscribe();
-        self.apply_rebalances();
+        self.apply_rebalances().await;
         self.update_gauges();
         tracing::info!("consumer stopped");
     }
 
     fn buffered_rows(&self) -> usize {
-        self.partitions.values().map(PartitionState::rows).sum()
+        self.in_flight_rows
+            + self
+                .partitions
+                .values()
+                .map(PartitionState::rows)
+                .sum::<usize>()
     }
 
     fn oldest(&self) -> Option<Instant> {
@@ -275,7 +313,13 @@ impl Pipeline {
         Ok(())
     }
 
-    fn apply_rebalances(&mut self) {
+    /// Applies rebalance events, after the flush in flight (if any) gave its partitions
+    /// back: a revoke returned only once it was done (see `kafka::FlushGate`).
+    async fn apply_rebalances(&mut self) {
+        if !self.consumer.context().has_events() {
+            return;
+        }
+        self.wait_for_flush().await;
         for event in self.consumer.context().take_events() {
             match event {
                 Rebalanced::Revoked(parts) => {
@@ -341,13 +385,66 @@ impl Pipeline {
         self.paused = pause;
     }
 
-    /// One flush attempt. On failure, schedules the retry and returns false.
-    async fn flush(&mut self, commit: CommitMode) -> bool {
-        let deadline = Duration::from_millis(self.config.flush_deadline_ms);
-        let result = match tokio::time::timeout(deadline, self.write_plans(commit)).await {
-            Ok(result) => result,
-            Err(_) => Err(FlushError::Deadline(deadline)),
+    /// Starts a flush of the partitions in hand in a task of its own; the loop keeps
+    /// receiving into fresh buffers meanwhile.
+    fn start_flush(&mut self, commit: CommitMode) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let mut partitions = std::mem::take(&mut self.partitions);
+        self.in_flight_rows = partitions.values().map(PartitionState::rows).sum();
+        let flusher = Arc::clone(&self.flusher);
+        let guard = self.consumer.context().gate().enter();
+        self.in_flight = Some(tokio::spawn(async move {
+            let _guard = guard;
+            let deadline = Duration::from_millis(flusher.config.flush_deadline_ms);
+            let result =
+                match tokio::time::timeout(deadline, flusher.write_plans(&mut partitions, commit))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(FlushError::Deadline(deadline)),
+                };
+            (partitions, result)
+        }));
+    }
+
+    /// Waits for the flush in flight, if any; whether it succeeded (true without one).
+    async fn wait_for_flush(&mut self) -> bool {
+        match self.in_flight.take() {
+            Some(handle) => {
+                let done = handle.await;
+                self.finish_flush(done)
+            }
+            None => true,
+        }
+    }
+
+    /// Takes the flushed partitions back (with what arrived meanwhile) and applies the
+    /// outcome. On failure, schedules the retry and returns false.
+    fn finish_flush(
+        &mut self,
+        done: Result<(Partitions, Result<bool, FlushError>), tokio::task::JoinError>,
+    ) -> bool {
+        self.in_flight_rows = 0;
+        let (flushed, result) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // A panic in the flush: its partitions are gone (nothing was committed past
+                // what was stored); they are read again after the restart.
+                tracing::error!(error = %e, "the flush task failed; stopping");
+                std::process::exit(3);
+            }
         };
+        let arrived = std::mem::replace(&mut self.partitions, flushed);
+        for (p, newer) in arrived {
+            match self.partitions.get_mut(&p) {
+                Some(state) => state.append(newer),
+                None => {
+                    self.partitions.insert(p, newer);
+                }
+            }
+        }
         match result {
             Ok(waiting) => {
                 self.backoff = MIN_BACKOFF;
@@ -370,22 +467,33 @@ impl Pipeline {
         }
     }
 
+    fn update_gauges(&self) {
+        let age = self.oldest().map_or(0.0, |t| t.elapsed().as_secs_f64());
+        metrics::gauge!(m::OLDEST_UNFLUSHED_AGE).set(age);
+        metrics::gauge!(m::BUFFERED_ROWS).set(self.buffered_rows() as f64);
+    }
+}
+
+impl Flusher {
     /// The steps of a flush. Returns whether a partition waits for more messages.
-    async fn write_plans(&mut self, commit: CommitMode) -> Result<bool, FlushError> {
-        self.drop_partitions_not_ours();
-        self.load_recent_ids().await?;
-        let waiting = self.agree_on_plans().await?;
-        self.drop_partitions_not_ours();
-        let result = self.insert_agreed_plans().await;
+    async fn write_plans(
+        &self,
+        partitions: &mut Partitions,
+        commit: CommitMode,
+    ) -> Result<bool, FlushError> {
+        self.drop_partitions_not_ours(partitions);
+        self.load_recent_ids(partitions).await?;
+        let waiting = self.agree_on_plans(partitions).await?;
+        self.drop_partitions_not_ours(partitions);
+        let result = self.insert_agreed_plans(partitions).await;
         self.commit(&result.completed, commit);
         // Never spin: a flush that stored nothing while rows wait counts as waiting.
-        let stalled =
-            result.completed.is_empty() && self.partitions.values().any(|p| !p.is_empty());
+        let stalled = result.completed.is_empty() && partitions.values().any(|p| !p.is_empty());
         result.error.map_or(Ok(waiting || stalled), Err)
     }
 
     /// Invariant 4: only partitions still assigned to us are written.
-    fn drop_partitions_not_ours(&mut self) {
+    fn drop_partitions_not_ours(&self, partitions: &mut Partitions) {
         let ours: HashSet<i32> = if self.consumer.assignment_lost() {
             HashSet::new()
         } else {
@@ -399,11 +507,11 @@ impl Pipeline {
                 Err(_) => return,
             }
         };
-        let before = self.partitions.len();
-        self.partitions.retain(|p, _| ours.contains(p));
-        if self.partitions.len() < before {
+        let before = partitions.len();
+        partitions.retain(|p, _| ours.contains(p));
+        if partitions.len() < before {
             tracing::info!(
-                dropped = before - self.partitions.len(),
+                dropped = before - partitions.len(),
                 "partitions no longer ours dropped before writing"
             );
         }
@@ -411,10 +519,10 @@ impl Pipeline {
 
     /// Invariant 5: once per assignment, the click ids written within the window before
     /// the first click in hand (ingest time).
-    async fn load_recent_ids(&mut self) -> Result<(), FlushError> {
+    async fn load_recent_ids(&self, partitions: &mut Partitions) -> Result<(), FlushError> {
         let window_ms = self.config.dedup_window_secs * 1000;
         let topic = &self.config.kafka_topic;
-        for state in self.partitions.values_mut() {
+        for state in partitions.values_mut() {
             if state.ids_loaded {
                 continue;
             }
@@ -436,9 +544,8 @@ impl Pipeline {
 
     /// Invariant 3: record our proposals, read back what is recorded at their start
     /// offsets, follow the first plan there. Returns whether a partition must wait.
-    async fn agree_on_plans(&mut self) -> Result<bool, FlushError> {
-        let proposals: Vec<PlanRange> = self
-            .partitions
+    async fn agree_on_plans(&self, partitions: &mut Partitions) -> Result<bool, FlushError> {
+        let proposals: Vec<PlanRange> = partitions
             .values_mut()
             .filter_map(PartitionState::propose)
             .collect();
@@ -454,7 +561,7 @@ impl Pipeline {
         let now = shared::now_ms();
         let mut waiting = false;
         for proposal in &proposals {
-            let Some(state) = self.partitions.get_mut(&proposal.partition) else {
+            let Some(state) = partitions.get_mut(&proposal.partition) else {
                 continue;
             };
             let plans = recorded
@@ -470,12 +577,12 @@ impl Pipeline {
 
     /// Invariant 2: each agreed plan in one INSERT under its token, several partitions at
     /// once. Plans that went in are completed even when another one failed.
-    async fn insert_agreed_plans(&mut self) -> InsertOutcome {
+    async fn insert_agreed_plans(&self, partitions: &mut Partitions) -> InsertOutcome {
         let topic = self.config.kafka_topic.clone();
         let trust_ms = self.config.dedup_trust_secs * 1000;
         let mut jobs = Vec::new();
         let mut error = None;
-        for state in self.partitions.values() {
+        for state in partitions.values() {
             let Some((range, rows, replayed_age_ms)) = state.agreed() else {
                 continue;
             };
@@ -511,25 +618,40 @@ impl Pipeline {
         }
 
         let writer = &self.writer;
-        let partitions = &self.partitions;
+        let agreed = &*partitions;
+        type Job<'a> = std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = (i32, clickhouse::error::Result<usize>, Duration)>
+                    + Send
+                    + 'a,
+            >,
+        >;
+        // Boxed with an explicit `Send`: the flush runs in a task of its own, and the
+        // compiler cannot prove that of these closures' futures unaided.
+        let inserts: Vec<Job<'_>> = jobs
+            .iter()
+            .map(|(partition, token, flags)| -> Job<'_> {
+                Box::pin(async move {
+                    let started = Instant::now();
+                    let result = match agreed.get(partition).and_then(PartitionState::agreed) {
+                        Some((_, rows, _)) => {
+                            let rows = rows
+                                .zip(flags.iter())
+                                .filter(|(_, send)| **send)
+                                .map(|(r, _)| r);
+                            writer.insert_plan(rows, token).await
+                        }
+                        None => Ok(0),
+                    };
+                    (*partition, result, started.elapsed())
+                })
+            })
+            .collect();
         let results: Vec<(i32, clickhouse::error::Result<usize>, Duration)> =
-            futures::stream::iter(jobs.iter().map(|(partition, token, flags)| async move {
-                let started = Instant::now();
-                let result = match partitions.get(partition).and_then(PartitionState::agreed) {
-                    Some((_, rows, _)) => {
-                        let rows = rows
-                            .zip(flags.iter())
-                            .filter(|(_, send)| **send)
-                            .map(|(r, _)| r);
-                        writer.insert_plan(rows, token).await
-                    }
-                    None => Ok(0),
-                };
-                (*partition, result, started.elapsed())
-            }))
-            .buffer_unordered(self.config.insert_concurrency)
-            .collect()
-            .await;
+            futures::stream::iter(inserts)
+                .buffer_unordered(self.config.insert_concurrency)
+                .collect()
+                .await;
 
         let mut completed = Vec::new();
         for (partition, result, took) in results {
@@ -538,8 +660,7 @@ impl Pipeline {
                     metrics::histogram!(m::INSERT_DURATION).record(took.as_secs_f64());
                     metrics::histogram!(m::BATCH_ROWS).record(rows as f64);
                     metrics::counter!(m::INSERTED_ROWS_TOTAL).increment(rows as u64);
-                    if let Some(next) = self
-                        .partitions
+                    if let Some(next) = partitions
                         .get_mut(&partition)
                         .and_then(PartitionState::complete)
                     {
@@ -569,12 +690,6 @@ impl Pipeline {
         if let Err(e) = self.consumer.commit(&tpl, mode) {
             tracing::warn!(error = %e, "offset commit failed; rows are stored and will be skipped if read again");
         }
-    }
-
-    fn update_gauges(&self) {
-        let age = self.oldest().map_or(0.0, |t| t.elapsed().as_secs_f64());
-        metrics::gauge!(m::OLDEST_UNFLUSHED_AGE).set(age);
-        metrics::gauge!(m::BUFFERED_ROWS).set(self.buffered_rows() as f64);
     }
 }
 

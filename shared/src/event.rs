@@ -90,16 +90,23 @@ impl ClickEvent {
                 e.classify()
             ))
         };
-        // The major version first: another major may have another shape altogether.
+        // One parse in the common case. Another major may have another shape altogether, so
+        // the version decides first whenever it is not ours, and when the event does not
+        // parse as ours (then the version alone is read, to say which it is).
         #[derive(Deserialize)]
         struct Major {
             v: u16,
         }
-        let major: Major = serde_json::from_slice(payload).map_err(malformed)?;
-        if major.v != EVENT_VERSION {
-            return Err(DecodeError::Version(major.v));
-        }
-        let event: Self = serde_json::from_slice(payload).map_err(malformed)?;
+        let event: Self = match serde_json::from_slice::<Self>(payload) {
+            Ok(event) if event.v == EVENT_VERSION => event,
+            Ok(event) => return Err(DecodeError::Version(event.v)),
+            Err(e) => {
+                return Err(match serde_json::from_slice::<Major>(payload) {
+                    Ok(major) if major.v != EVENT_VERSION => DecodeError::Version(major.v),
+                    _ => malformed(e),
+                })
+            }
+        };
         let invalid =
             |field: &'static str| move |reason: String| DecodeError::Invalid { field, reason };
         ClickId::parse(&event.click_id).map_err(invalid("click_id"))?;
