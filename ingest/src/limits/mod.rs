@@ -171,6 +171,7 @@ impl AccountState {
 #[derive(Debug, Default, Clone, Copy)]
 struct Lease {
     left: u32,
+    granted: u32,
     expires_ms: u64,
     slot: u64,
     day: u32,
@@ -235,6 +236,8 @@ impl Recent {
 #[derive(Debug, Default)]
 struct Inner {
     lease: Lease,
+    /// A lease that arrived while `lease` still had tokens (asked for ahead of need).
+    next: Lease,
     serial: u64,
     fetching: bool,
     waiting: u32,
@@ -245,12 +248,19 @@ struct Inner {
     recent: Recent,
     /// Clicks accepted without the store, per UTC day, oldest first; sent one group per call.
     local: Vec<LocalSpends>,
-    give_back: Option<GiveBack>,
+    /// Unused tokens of expired leases, oldest first; one goes back with each call.
+    give_back: Vec<GiveBack>,
     last_used_ms: u64,
 }
 
 impl Inner {
     fn take_token(&mut self, now_ms: u64) -> Option<TicketKind> {
+        if !(self.lease.left > 0 && now_ms < self.lease.expires_ms) {
+            self.retire_lease(now_ms);
+            if self.next.left > 0 && now_ms < self.next.expires_ms {
+                self.lease = std::mem::take(&mut self.next);
+            }
+        }
         if self.lease.left > 0 && now_ms < self.lease.expires_ms {
             self.lease.left -= 1;
             self.recent.add(now_ms / 1000, 1);
@@ -261,16 +271,28 @@ impl Inner {
         None
     }
 
-    /// Moves the leftovers of an expired lease to the give-back of the next call.
+    /// Whether to ask for the next lease now, before this one runs out: a quarter of its
+    /// tokens left, and none asked for yet. (A lease that expires before it is spent needs
+    /// no successor ahead of time: demand is below a lease a second.)
+    fn wants_next(&self) -> bool {
+        !self.fetching
+            && self.next.left == 0
+            && self.lease.left > 0
+            && self.lease.left * 4 <= self.lease.granted
+    }
+
+    /// Moves the leftovers of expired leases to the give-backs of the next calls.
     fn retire_lease(&mut self, now_ms: u64) {
-        if self.lease.left > 0 && now_ms >= self.lease.expires_ms && self.give_back.is_none() {
-            self.give_back = Some(GiveBack {
-                slot: self.lease.slot,
-                day: self.lease.day,
-                month: self.lease.month,
-                tokens: self.lease.left,
-            });
-            self.lease.left = 0;
+        for lease in [&mut self.lease, &mut self.next] {
+            if lease.left > 0 && now_ms >= lease.expires_ms {
+                self.give_back.push(GiveBack {
+                    slot: lease.slot,
+                    day: lease.day,
+                    month: lease.month,
+                    tokens: lease.left,
+                });
+                lease.left = 0;
+            }
         }
     }
 
@@ -467,6 +489,9 @@ impl<S: QuotaStore> PlanLimiter<S> {
                     first = false;
                 }
                 if let Some(kind) = s.take_token(now_ms) {
+                    if s.wants_next() {
+                        self.start_fetch(&state, &mut s, limits, now_ms, true);
+                    }
                     return Ok(Ticket {
                         account: account.account,
                         kind,
@@ -501,7 +526,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
                 }
                 s.waiting += 1;
                 if !s.fetching {
-                    self.start_fetch(&state, &mut s, limits, now_ms);
+                    self.start_fetch(&state, &mut s, limits, now_ms, false);
                 }
                 // Registered before the lock is released: the fetch's wake-up cannot be missed.
                 state.notify.notified()
@@ -528,7 +553,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
                 let slot = s.lease.slot;
                 if s.lease.serial == serial {
                     s.lease.left += 1;
-                } else if let Some(gb) = s.give_back.as_mut().filter(|g| g.slot == slot) {
+                } else if let Some(gb) = s.give_back.iter_mut().rev().find(|g| g.slot == slot) {
                     gb.tokens += 1;
                 }
                 s.recent.add(slot, -1);
@@ -547,17 +572,23 @@ impl<S: QuotaStore> PlanLimiter<S> {
         }
     }
 
+    /// `ahead`: the lease in hand still has tokens; this one is its successor.
     fn start_fetch(
         self: &Arc<Self>,
         state: &Arc<AccountState>,
         s: &mut Inner,
         limits: AccountLimits,
         now_ms: u64,
+        ahead: bool,
     ) {
         s.fetching = true;
         s.retire_lease(now_ms);
-        let want = if s.waiting > 0 { s.want(now_ms) } else { 0 };
-        let give_back = s.give_back.take();
+        let want = if s.waiting > 0 || ahead {
+            s.want(now_ms)
+        } else {
+            0
+        };
+        let give_back = (!s.give_back.is_empty()).then(|| s.give_back.remove(0));
         let spends = s.local.first().cloned();
         let limiter = Arc::clone(self);
         let state = Arc::clone(state);
@@ -640,6 +671,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
                         let expires_ms = now_ms + LEASE_MS.min(calendar::ms_to_next_day(now_ms));
                         let lease = Lease {
                             left: tokens,
+                            granted: tokens,
                             expires_ms,
                             slot: now_ms / 1000,
                             day: calendar::day(now_ms),
@@ -648,12 +680,20 @@ impl<S: QuotaStore> PlanLimiter<S> {
                         };
                         s.serial += 1;
                         s.refused = None;
+                        s.retire_lease(answered_ms);
                         if answered_ms >= expires_ms {
                             // Too late to spend: straight back with the next call.
-                            s.lease = lease;
-                            s.retire_lease(expires_ms);
+                            s.give_back.push(GiveBack {
+                                slot: lease.slot,
+                                day: lease.day,
+                                month: lease.month,
+                                tokens,
+                            });
+                        } else if s.lease.left > 0 && s.next.left == 0 {
+                            // Asked for ahead of need: it takes over when the lease in hand
+                            // is spent or expires.
+                            s.next = lease;
                         } else {
-                            s.retire_lease(answered_ms);
                             s.lease = lease;
                         }
                     }
@@ -750,14 +790,14 @@ impl<S: QuotaStore> PlanLimiter<S> {
         for state in &states {
             let mut s = state.lock();
             s.retire_lease(now_ms);
-            let owes = s.give_back.is_some() || !s.local.is_empty();
+            let owes = !s.give_back.is_empty() || !s.local.is_empty();
             if owes && !s.fetching && !degraded {
                 let limits = AccountLimits {
                     rate_per_minute: 1,
                     daily_cap: None,
                     monthly: None,
                 };
-                self.start_fetch(state, &mut s, limits, now_ms);
+                self.start_fetch(state, &mut s, limits, now_ms, false);
             } else if !owes && !s.fetching && s.waiting == 0 && s.last_used_ms + IDLE_MS < now_ms {
                 idle.push(Arc::clone(&state.id));
             }
@@ -793,7 +833,9 @@ impl<S: QuotaStore> PlanLimiter<S> {
     pub async fn leave(self: &Arc<Self>) {
         if let Ok(map) = self.accounts.read() {
             for state in map.values() {
-                state.lock().lease.expires_ms = 0;
+                let mut s = state.lock();
+                s.lease.expires_ms = 0;
+                s.next.expires_ms = 0;
             }
         }
         self.sweep();

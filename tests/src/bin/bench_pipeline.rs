@@ -268,6 +268,18 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     for url in [&on_url, &bare_url, &off_url] {
         wrk(url, script, 3); // warm-up
     }
+    // BENCH_PERF=DIR: a CPU profile of ingest (limits on) under the same load, in
+    // DIR/ingest.perf (`perf report -i DIR/ingest.perf`).
+    if let Ok(out) = std::env::var("BENCH_PERF") {
+        let mut perf = Command::new("perf")
+            .args(["record", "-F", "997", "-g", "-o"])
+            .arg(Path::new(&out).join("ingest.perf"))
+            .args(["-p", &pid.to_string(), "--", "sleep", "10"])
+            .spawn()
+            .expect("perf (apt-get install linux-perf)");
+        wrk(&on_url, script, 10);
+        let _ = perf.wait();
+    }
     // Alternating runs (limits on, bare hyper, limits off) x 3: this machine is noisy.
     let (mut on_rps, mut bare_rps, mut off_rps, mut ratios, mut costs) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());

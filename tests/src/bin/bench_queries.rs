@@ -58,12 +58,16 @@ const SOURCES: [&str; 8] = [
 ];
 const MEDIA: [&str; 5] = ["email", "social", "cpc", "referral", ""];
 
-fn row(r: &mut Rng, now: u64, topic: &str, offset: u64) -> ClickRow {
+fn row(r: &mut Rng, now: u64, topic: &str, offset: u64, rows: u64) -> ClickRow {
     // Skewed popularity: a few codes and visitors get most clicks.
     let code = (CODES as f64 * r.unit().powi(3)) as u64;
     let visitor = (VISITORS as f64 * r.unit().powi(2)) as u64;
     let is_bot = r.next() % 20 == 0;
-    let at_ms = now * 1000 - r.next() % (DAYS * 86_400_000);
+    // Evenly over the last DAYS days, in time order (as clicks arrive), a few seconds of
+    // jitter.
+    let span = DAYS * 86_400_000;
+    let at_ms = now * 1000 - span + offset * span / rows.max(1) + r.next() % 5000;
+    let at_ms = at_ms.min(now * 1000);
     ClickRow {
         click_id: format!("refclk_{:016x}{:016x}", r.next(), r.next()),
         code: format!("C{code:011}"),
@@ -100,6 +104,9 @@ async fn main() -> anyhow::Result<()> {
         &url,
         "--clickhouse-database",
         DATABASE,
+        // A 500k-row block with every view attached, while merges run: minutes at worst.
+        "--insert-timeout-ms",
+        "600000",
     ])?;
     let config = cli.config;
     let ch = e2e::ClickHouse::new(&url);
@@ -121,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
         while offset < rows {
             buf.clear();
             for _ in 0..block.min(rows - offset) {
-                buf.push(row(&mut rng, now, "bench", offset));
+                buf.push(row(&mut rng, now, "bench", offset, rows));
                 offset += 1;
             }
             writer
