@@ -292,6 +292,15 @@ impl ClickHouse {
             .unwrap_or_else(|_| panic!("not a number from {sql}"))
     }
 
+    /// `count()` of a table (0 when it does not exist): cheap enough to poll.
+    pub async fn count(&self, table: &str) -> u64 {
+        self.try_query(&format!("SELECT count() FROM {table} FORMAT TSV"))
+            .await
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// `(count(), uniqExact(click_id))` of the clicks table, without FINAL.
     pub async fn counts(&self, table: &str) -> (u64, u64) {
         match self

@@ -963,23 +963,29 @@ end
     )
     .expect("script");
     let url = ingest.url(PATH);
-    let wrk = {
-        let (url, script) = (url.clone(), script.clone());
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new("wrk")
-                .args(["-t2", "-c64", "-d300s", "--latency", "-s"])
-                .arg(&script)
-                .arg(&url)
-                .args(["--", "500000"])
-                .output()
-                .expect("wrk (deploy/local/test installs it)")
-        })
-    };
-    // Meanwhile, another client posts real clicks.
+    let metrics = ingest.url("/metrics");
+    // wrk's threads stop after their quota, wrk itself waits out -d: it is interrupted
+    // (it reports on SIGINT) once ingest has answered the million.
+    let wrk = std::process::Command::new("wrk")
+        .args(["-t2", "-c64", "-d600s", "-s"])
+        .arg(&script)
+        .arg(&url)
+        .args(["--", "520000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("wrk (deploy/local/test installs it)");
+    // Meanwhile, another client posts real clicks, within its own per-IP limit.
     let c = http();
     let mut served = 0;
     let mut slowest = Duration::ZERO;
-    while !wrk.is_finished() {
+    let started = Instant::now();
+    while metric_value(&metrics, "ingest_http_requests_total").await
+        < 1_020_000.0 + f64::from(served)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the flood did not finish"
+        );
         let t = Instant::now();
         let (status, _, body) = send(
             c.post(&url)
@@ -991,9 +997,16 @@ end
         slowest = slowest.max(t.elapsed());
         assert_eq!(status, 200, "{body}");
         served += 1;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
     }
-    let out = wrk.await.expect("wrk");
+    let _ = std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(wrk.id().to_string())
+        .status();
+    let out = tokio::task::spawn_blocking(move || wrk.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wrk output");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let requests: u64 = text
         .lines()
@@ -1003,7 +1016,6 @@ end
         .unwrap_or_else(|| panic!("wrk output: {text}"));
     assert!(requests >= 1_000_000, "{requests} requests: {text}");
     let peak = peak_rss_mib(pid);
-    let metrics = ingest.url("/metrics");
     let tracked = metric_where(
         &metrics,
         "ingest_rate_limit_tracked_keys",
