@@ -16,7 +16,15 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(input) => {
             if let Ok(click) = validate(&input, DEFAULT_CODE_LEN) {
-                let event = ClickEvent::new(&click, &[7; 32], &[9; 32], "k1", false, 1_700_000_000_000);
+                let event = ClickEvent::new(
+                    &click,
+                    &[7; 32],
+                    &[9; 32],
+                    "k1",
+                    false,
+                    1_700_000_000_000,
+                    "acct_1",
+                );
                 let decoded = ClickEvent::decode(&event.encode());
                 assert_eq!(decoded.as_ref(), Ok(&event), "accepted click does not round-trip");
             }
