@@ -5,7 +5,7 @@
 //! # How a click is counted without a Redis round trip each time
 //! Each instance leases tokens for an account from the shared counters ([`store`]): one
 //! lease is up to about a second's worth of the account's recent demand on this instance,
-//! valid for [`store::LEASE_MS`], and clicks spend it locally. Unused tokens go back with
+//! valid for [`store::LEASE_MS`] (2 s), and clicks spend it locally. Unused tokens go back with
 //! the next lease (or within a second, by the sweeper). Requests that find the lease empty
 //! wait for one lease call together; a refusal from the store is remembered for up to
 //! 1 s (never past its retry time), so a flood against an exhausted account costs no
@@ -21,7 +21,7 @@
 //!   window of its own, and `ceil((cap - used) / n)` of what the day and month had left
 //!   when it last heard from Redis (`n` = instances seen in Redis, at least
 //!   `INGEST_LIMITS_EXPECTED_INSTANCES`). All instances together stay within
-//!   `limit + n - 1` per window once the outage is 62 s old; in the first 62 s the clicks
+//!   `limit + n - 1` per window once the outage is 63 s old; in the first 63 s the clicks
 //!   Redis granted before the outage still count in real windows, so up to about
 //!   `2 × limit` can pass in the window that spans the switch. The clicks accepted alone
 //!   are added to Redis when it answers again, so day and month counters stay right.
