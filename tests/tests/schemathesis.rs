@@ -36,10 +36,17 @@ async fn live_ingest_conforms_to_its_openapi_description() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "schemathesis found problems:\n{text}");
+    // The summary is the line "N generated, N passed, ..."; schemathesis 4.3x also prints
+    // warnings that mention generated data (e.g. "Schema validation mismatch": random
+    // codes that match the pattern are mostly not in the registry, and their 400 is the
+    // contract), so the summary is the line that counts outcomes.
     let summary = text
         .lines()
-        .find(|l| l.contains("generated"))
+        .find(|l| l.contains("generated") && (l.contains("passed") || l.contains("failed")))
         .unwrap_or_default();
+    for warning in text.lines().filter(|l| l.contains("mismatch")) {
+        println!("schemathesis warning: {}", warning.trim());
+    }
     assert!(
         summary.contains("passed") && !summary.contains("failed"),
         "{summary}"
