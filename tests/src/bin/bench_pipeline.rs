@@ -20,6 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use shared::event::ClickEvent;
+use shared::metric_names as m;
 
 fn gzip(data: &[u8]) -> Vec<u8> {
     use std::io::Write;
@@ -237,6 +238,9 @@ async fn start_ingest(
     ingest
 }
 
+/// Alternating ingest rounds: the machine's noise moves single 10 s runs by ±20 %.
+const ROUNDS: usize = 5;
+
 async fn bench_ingest(dir: &Path, script: &Path) {
     println!("\n## ingest (tansu on memory storage; wrk -t2 -c256, 70% JSON / 10% text/plain / 10% gzip / 10% invalid, 10,000 codes of 2,000 accounts on mixed plans; plan limits through the real Redis)\n");
     let (_broker, brokers) = private_broker(true).await;
@@ -280,21 +284,39 @@ async fn bench_ingest(dir: &Path, script: &Path) {
         wrk(&on_url, script, 10);
         let _ = perf.wait();
     }
-    // Alternating runs (limits on, bare hyper, limits off) x 3: this machine is noisy.
+    // Alternating runs (limits on, limits off, bare hyper) x ROUNDS: this machine is noisy, and
+    // the on/off pair, the ratio nearest its target, runs back to back.
     let (mut on_rps, mut bare_rps, mut off_rps, mut ratios, mut costs) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut cpu, mut accepted, mut total) = (0.0, 0.0, 0.0);
-    println!("| run | limits on | bare hyper | limits off | on / bare | on / off |\n|---|---|---|---|---|---|");
-    for run in 1..=3 {
-        let cpu0 = cpu_secs(pid);
+    let (mut off_cpu, mut off_accepted) = (0.0, 0.0);
+    // Redis' own CPU and the lease calls behind the limits-on runs: the cost of the
+    // limits that ingest's CPU figure does not show (Redis shares the machine's cores).
+    let redis_pid: Option<u32> = std::env::var("BENCH_REDIS_PID")
+        .ok()
+        .and_then(|v| v.trim().parse().ok());
+    let (mut redis_cpu, mut leases, mut on_secs) = (0.0, 0.0, 0.0);
+    let on_metrics = on.url("/metrics");
+    let off_pid = off.proc.child.id();
+    println!("| run | limits on | limits off | bare hyper | on / bare | on / off |\n|---|---|---|---|---|---|");
+    for run in 1..=ROUNDS {
+        let (cpu0, redis0) = (cpu_secs(pid), redis_pid.map_or(0.0, cpu_secs));
+        let leases0 = metric_value(&on_metrics, m::LIMITS_LEASES_TOTAL).await;
+        let t0 = Instant::now();
         let (rps, n, non2xx) = wrk(&on_url, script, 10);
+        on_secs += t0.elapsed().as_secs_f64();
         cpu += cpu_secs(pid) - cpu0;
+        redis_cpu += redis_pid.map_or(0.0, cpu_secs) - redis0;
+        leases += metric_value(&on_metrics, m::LIMITS_LEASES_TOTAL).await - leases0;
         accepted += n - non2xx;
         total += n;
+        let off_cpu0 = cpu_secs(off_pid);
+        let (o, on_n, o_non2xx) = wrk(&off_url, script, 10);
+        off_cpu += cpu_secs(off_pid) - off_cpu0;
+        off_accepted += on_n - o_non2xx;
         let (b, _, _) = wrk(&bare_url, script, 10);
-        let (o, _, _) = wrk(&off_url, script, 10);
         println!(
-            "| {run} | {rps:.0} req/s | {b:.0} req/s | {o:.0} req/s | {:.2} | {:.2} |",
+            "| {run} | {rps:.0} req/s | {o:.0} req/s | {b:.0} req/s | {:.2} | {:.2} |",
             rps / b,
             rps / o
         );
@@ -306,27 +328,36 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     }
     let max = median(&mut on_rps);
     println!("\n| figure | value | target |\n|---|---|---|");
-    println!("| ingest max with plan limits on (median of 3) | {max:.0} req/s ({:.1} % of requests accepted) | |", accepted / total * 100.0);
+    println!("| ingest max with plan limits on (median of {ROUNDS}) | {max:.0} req/s ({:.1} % of requests accepted) | |", accepted / total * 100.0);
     println!(
-        "| bare hyper 1.x ceiling, same load (median of 3) | {:.0} req/s | |",
+        "| bare hyper 1.x ceiling, same load (median of {ROUNDS}) | {:.0} req/s | |",
         median(&mut bare_rps)
     );
     println!(
-        "| ingest max with plan limits off (median of 3) | {:.0} req/s | |",
+        "| ingest max with plan limits off (median of {ROUNDS}) | {:.0} req/s | |",
         median(&mut off_rps)
     );
     println!(
-        "| **ingest (limits on) / ceiling**, median of the 3 same-run ratios | **{:.2}** | ≥ 0.5 |",
+        "| **ingest (limits on) / ceiling**, median of the {ROUNDS} same-run ratios | **{:.2}** | ≥ 0.5 |",
         median(&mut ratios)
     );
     println!(
-        "| **limits on / limits off**, median of the 3 same-run ratios | **{:.2}** | ≥ 0.9 |",
+        "| **limits on / limits off**, median of the {ROUNDS} same-run ratios | **{:.2}** | ≥ 0.9 |",
         median(&mut costs)
     );
     println!(
-        "| ingest CPU-seconds per million accepted clicks (limits on) | {:.1} s | ≤ 15 |",
-        cpu / accepted.max(1.0) * 1e6
+        "| ingest CPU-seconds per million accepted clicks, limits on / off | {:.1} s / {:.1} s | ≤ 15 |",
+        cpu / accepted.max(1.0) * 1e6,
+        off_cpu / off_accepted.max(1.0) * 1e6
     );
+    if redis_pid.is_some() {
+        println!(
+            "| Redis CPU-seconds per million accepted clicks (limits on); lease calls | {:.1} s; {:.0} calls/s ({:.1} clicks a call) | |",
+            redis_cpu / accepted.max(1.0) * 1e6,
+            leases / on_secs.max(1e-3),
+            accepted / leases.max(1.0)
+        );
+    }
     let valid = dir.join("valid.json");
     for share in [0.5, 0.9] {
         let (p50, p99, p999, ok) = oha(&on_url, &valid, max * share, 10);
@@ -766,7 +797,7 @@ async fn bench_freshness() {
         pct(0.5) * 1e3
     );
     println!(
-        "| freshness p99 (target ≤ 2 s) | {:.0} ms |",
+        "| **freshness p99** (target ≤ 1 s, issue 14) | **{:.0} ms** |",
         pct(0.99) * 1e3
     );
     scope.drop_database().await;
