@@ -800,6 +800,21 @@ async fn bench_freshness() {
         "| **freshness p99** (target ≤ 1 s, issue 14) | **{:.0} ms** |",
         pct(0.99) * 1e3
     );
+    // Where the time goes: one plan insert (each partition's, several at once) and the
+    // flush's batch age.
+    let metrics_url = consumer.url("/metrics");
+    let (sum, count) = (
+        metric_value(&metrics_url, &format!("{}_sum", m::INSERT_DURATION)).await,
+        metric_value(&metrics_url, &format!("{}_count", m::INSERT_DURATION)).await,
+    );
+    println!(
+        "| plan inserts; mean insert time | {count:.0}; {:.0} ms |",
+        sum / count.max(1.0) * 1e3
+    );
+    println!(
+        "| CONSUMER_BATCH_MAX_AGE_MS | {} |",
+        std::env::var("CONSUMER_BATCH_MAX_AGE_MS").unwrap_or_else(|_| "default".into())
+    );
     scope.drop_database().await;
 }
 
