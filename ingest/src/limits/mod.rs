@@ -4,7 +4,7 @@
 //!
 //! # How a click is counted without a Redis round trip each time
 //! Each instance leases tokens for an account from the shared counters ([`store`]): one
-//! lease is up to about a second's worth of the account's recent demand on this instance,
+//! lease is up to about a lease's length of the account's recent demand on this instance,
 //! valid for [`store::LEASE_MS`] (2 s), and clicks spend it locally. Unused tokens go back with
 //! the next lease (or by the sweeper, once the account has been quiet for a lease's length or
 //! the tokens have waited that long). Requests that find the lease empty
@@ -290,13 +290,13 @@ impl Inner {
     /// account, 1,666 calls a second for 2,000 of them.) A late give-back only delays
     /// tokens: they return to the slot they were granted in.
     fn owes_now(&self, now_ms: u64) -> bool {
+        let Some(oldest) = self.give_back.first() else {
+            return !self.local.is_empty();
+        };
         let quiet = now_ms.saturating_sub(self.last_used_ms) >= LEASE_MS;
-        let oldest_waited = self
-            .give_back
-            .first()
-            // A lease expires at most LEASE_MS after the end of its grant slot.
-            .is_some_and(|g| now_ms >= (g.slot + 1) * 1000 + 2 * LEASE_MS);
-        !self.local.is_empty() || quiet || oldest_waited
+        // A lease expires at most LEASE_MS after the end of its grant slot.
+        let waited = now_ms >= (oldest.slot + 1) * 1000 + 2 * LEASE_MS;
+        !self.local.is_empty() || quiet || waited
     }
 
     /// Moves the leftovers of expired leases to the give-backs of the next calls.
@@ -809,7 +809,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
             let mut s = state.lock();
             s.retire_lease(now_ms);
             let owes = !s.give_back.is_empty() || !s.local.is_empty();
-            if owes && !s.fetching && !degraded && s.owes_now(now_ms) {
+            if !s.fetching && !degraded && s.owes_now(now_ms) {
                 let limits = AccountLimits {
                     rate_per_minute: 1,
                     daily_cap: None,

@@ -280,3 +280,80 @@ async fn a_refunded_token_is_spent_again_and_unused_tokens_go_back() {
     };
     assert_eq!(used, 50, "what was not spent went back");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_accounts_give_back_waits_for_its_next_lease_and_a_quiet_ones_is_paid() {
+    let c = catalogue();
+    let store = Arc::new(MemoryStore::default());
+    let clock = sim();
+    let limiter = instances(&store, 1, &clock).remove(0);
+    let big = account(&c, "big", true);
+    let granted = || match store.lease_now(&LeaseRequest {
+        account: &big.account_id,
+        now_ms: T0 + 20_000,
+        want: 0,
+        limits: limiter.limits_of(&big),
+        instances: 1,
+        give_back: None,
+        spends: None,
+    }) {
+        Ok(LeaseAnswer::Granted { day_used, .. }) => day_used,
+        other => panic!("{other:?}"),
+    };
+    let settle = || async {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    for i in 0..50 {
+        check_at(&clock, &limiter, &big, T0 + i).await.expect("ok");
+    }
+    check_at(&clock, &limiter, &big, T0 + 1900)
+        .await
+        .expect("ok");
+    settle().await;
+    let leased = granted();
+    assert!(leased > 51, "a lease larger than the clicks ({leased})");
+    // The first leases have expired with tokens left, but the account was used 200 ms ago:
+    // its next lease call carries them, so the sweeper makes no call of its own.
+    sweep_at(&clock, &limiter, T0 + 2100);
+    settle().await;
+    assert_eq!(granted(), leased, "no give-back call for a busy account");
+    // Quiet for a lease's length: the sweeper pays what is owed, one give-back a call.
+    for k in 0..8 {
+        sweep_at(&clock, &limiter, T0 + 6000 + k * 250);
+        settle().await;
+    }
+    assert_eq!(granted(), 51, "what was not spent went back");
+}
+
+#[test]
+fn the_sweeper_pays_at_once_only_local_spends_a_quiet_account_or_an_old_give_back() {
+    let now = T0 + 10_000;
+    let give_back = |slot: u64| GiveBack {
+        slot,
+        day: calendar::day(now),
+        month: calendar::month(now),
+        tokens: 3,
+    };
+    let busy = |give_backs: Vec<GiveBack>| Inner {
+        give_back: give_backs,
+        last_used_ms: now - 100,
+        ..Inner::default()
+    };
+    assert!(!busy(Vec::new()).owes_now(now), "nothing owed");
+    // Granted in the slot before `now`: expired at most a lease's length ago.
+    assert!(!busy(vec![give_back(now / 1000 - 1)]).owes_now(now));
+    // Granted early enough that it has waited a lease's length since it expired.
+    let old = (now - 2 * LEASE_MS) / 1000 - 1;
+    assert!(busy(vec![give_back(old)]).owes_now(now));
+    let quiet = Inner {
+        last_used_ms: now - LEASE_MS,
+        ..busy(vec![give_back(now / 1000 - 1)])
+    };
+    assert!(quiet.owes_now(now));
+    let local = Inner {
+        local: vec![LocalSpends::default()],
+        ..busy(Vec::new())
+    };
+    assert!(local.owes_now(now));
+}

@@ -311,9 +311,9 @@ async fn bench_ingest(dir: &Path, script: &Path) {
         accepted += n - non2xx;
         total += n;
         let off_cpu0 = cpu_secs(off_pid);
-        let (o, on_n, o_non2xx) = wrk(&off_url, script, 10);
+        let (o, off_n, off_non2xx) = wrk(&off_url, script, 10);
         off_cpu += cpu_secs(off_pid) - off_cpu0;
-        off_accepted += on_n - o_non2xx;
+        off_accepted += off_n - off_non2xx;
         let (b, _, _) = wrk(&bare_url, script, 10);
         println!(
             "| {run} | {rps:.0} req/s | {o:.0} req/s | {b:.0} req/s | {:.2} | {:.2} |",
