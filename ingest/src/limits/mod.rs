@@ -42,7 +42,9 @@ use tokio::time::Instant;
 use shared::metric_names as m;
 use shared::plans::{Catalogue, Plan};
 use shared::registry::Resolved;
-use store::{GiveBack, LeaseAnswer, LeaseRequest, LocalSpends, QuotaStore, LEASE_MS, WINDOW_SLOTS};
+use store::{
+    GiveBack, LeaseAnswer, LeaseRequest, LocalSpends, QuotaStore, AHEAD_MS, LEASE_MS, WINDOW_SLOTS,
+};
 
 /// Which limit refused a click (the 429's `data.limit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -272,14 +274,17 @@ impl Inner {
         None
     }
 
-    /// Whether to ask for the next lease now, before this one runs out: a quarter of its
-    /// tokens left, and none asked for yet. (A lease that expires before it is spent needs
-    /// no successor ahead of time: demand is below a lease a second.)
-    fn wants_next(&self) -> bool {
+    /// Whether to ask for the next lease now, before this one runs out or expires (none
+    /// asked for yet): a quarter of its tokens left, or half of them spent with
+    /// [`AHEAD_MS`] to go. A lease less than half spent by then was bigger than the demand:
+    /// the next click after it expires asks for a new one itself.
+    fn wants_next(&self, now_ms: u64) -> bool {
+        let l = &self.lease;
         !self.fetching
             && self.next.left == 0
-            && self.lease.left > 0
-            && self.lease.left * 4 <= self.lease.granted
+            && l.left > 0
+            && (l.left * 4 <= l.granted
+                || (l.left * 2 <= l.granted && now_ms + AHEAD_MS >= l.expires_ms))
     }
 
     /// Whether the sweeper should make a call just to pay what is owed. Local spends go at
@@ -398,6 +403,17 @@ impl Inner {
     }
 }
 
+/// One lease call's inputs, taken under the account's lock.
+struct Call {
+    limits: AccountLimits,
+    want: u32,
+    give_back: Option<GiveBack>,
+    spends: Option<LocalSpends>,
+    now_ms: u64,
+    /// A click waits for it.
+    urgent: bool,
+}
+
 fn jitter_ms() -> u64 {
     1000 + rand::random::<u64>() % 4000
 }
@@ -507,7 +523,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
                     first = false;
                 }
                 if let Some(kind) = s.take_token(now_ms) {
-                    if s.wants_next() {
+                    if s.wants_next(now_ms) {
                         self.start_fetch(&state, &mut s, limits, now_ms, true);
                     }
                     return Ok(Ticket {
@@ -545,6 +561,10 @@ impl<S: QuotaStore> PlanLimiter<S> {
                 s.waiting += 1;
                 if !s.fetching {
                     self.start_fetch(&state, &mut s, limits, now_ms, false);
+                } else if s.waiting == 1 {
+                    // The call in flight was made ahead of need and may be waiting for a
+                    // batch: it is needed now.
+                    self.store.hurry();
                 }
                 // Registered before the lock is released: the fetch's wake-up cannot be missed.
                 state.notify.notified()
@@ -608,24 +628,31 @@ impl<S: QuotaStore> PlanLimiter<S> {
         };
         let give_back = (!s.give_back.is_empty()).then(|| s.give_back.remove(0));
         let spends = s.local.first().cloned();
+        let urgent = s.waiting > 0;
         let limiter = Arc::clone(self);
         let state = Arc::clone(state);
         tokio::spawn(async move {
-            limiter
-                .fetch(&state, limits, want, give_back, spends, now_ms)
-                .await;
+            let call = Call {
+                limits,
+                want,
+                give_back,
+                spends,
+                now_ms,
+                urgent,
+            };
+            limiter.fetch(&state, call).await;
         });
     }
 
-    async fn fetch(
-        &self,
-        state: &AccountState,
-        limits: AccountLimits,
-        want: u32,
-        give_back: Option<GiveBack>,
-        spends: Option<LocalSpends>,
-        now_ms: u64,
-    ) {
+    async fn fetch(&self, state: &AccountState, call: Call) {
+        let Call {
+            limits,
+            want,
+            give_back,
+            spends,
+            now_ms,
+            urgent,
+        } = call;
         let started = Instant::now();
         let req = LeaseRequest {
             account: &state.id,
@@ -635,6 +662,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
             instances: self.instances(),
             give_back,
             spends: spends.as_ref(),
+            urgent,
         };
         let result = tokio::time::timeout(self.options.store_timeout, self.store.lease(req)).await;
         let took = started.elapsed();

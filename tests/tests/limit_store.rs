@@ -1,0 +1,319 @@
+//! The plan limits' Lua script on the real Redis against the same rules in process
+//! (`MemoryStore`, which the limiter's unit tests use), and the batching of lease calls.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use e2e::{unique, PrivateRedis};
+use ingest::limits::calendar;
+use ingest::limits::store::{
+    GiveBack, LeaseAnswer, LeaseRequest, LocalSpends, MemoryStore, QuotaStore, RedisStore,
+};
+use ingest::limits::AccountLimits;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A grant made earlier, whose unused tokens a later call may give back.
+#[derive(Clone, Copy)]
+struct Grant {
+    account: usize,
+    slot: u64,
+    day: u32,
+    month: u32,
+    tokens: u32,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lua_script_and_the_in_process_rules_agree_and_every_key_expires() {
+    let redis = PrivateRedis::start().await;
+    let prefix = format!("{}:", unique("store"));
+    let store = RedisStore::new(&redis.url(), &prefix, Duration::from_secs(2)).expect("store");
+    let memory = MemoryStore::default();
+    let accounts = ["a1", "a2", "a3"];
+    let limits = [
+        AccountLimits {
+            rate_per_minute: 40,
+            daily_cap: Some(150),
+            monthly: Some(400),
+        },
+        AccountLimits {
+            rate_per_minute: 500,
+            daily_cap: None,
+            monthly: Some(900),
+        },
+        AccountLimits {
+            rate_per_minute: 25,
+            daily_cap: None,
+            monthly: None,
+        },
+    ];
+    let mut rng = StdRng::seed_from_u64(12);
+    // Starts an hour before a UTC midnight that is also a month's end.
+    let mut now_ms: u64 = 1_798_761_600_000 - 3_600_000;
+    let mut grants: Vec<Grant> = Vec::new();
+    let (mut granted, mut refused, mut gave_back, mut spent) = (0, 0, 0, 0);
+    for step in 0..1500 {
+        now_ms += match rng.random_range(0..100) {
+            0..=59 => rng.random_range(0..400),
+            60..=94 => rng.random_range(400..4000),
+            95..=98 => rng.random_range(20_000..70_000),
+            _ => rng.random_range(200_000..900_000),
+        };
+        let a = rng.random_range(0..accounts.len());
+        let give_back = if rng.random_bool(0.4) {
+            grants
+                .iter()
+                .rposition(|g| g.account == a && g.tokens > 0)
+                .map(|i| {
+                    let g = &mut grants[i];
+                    let tokens = rng.random_range(1..=g.tokens);
+                    g.tokens -= tokens;
+                    GiveBack {
+                        slot: g.slot,
+                        day: g.day,
+                        month: g.month,
+                        tokens,
+                    }
+                })
+        } else {
+            None
+        };
+        let spends = rng.random_bool(0.15).then(|| {
+            let slot = now_ms / 1000 - rng.random_range(0..90);
+            let n = rng.random_range(1..20);
+            LocalSpends {
+                day: calendar::day(slot * 1000),
+                month: calendar::month(slot * 1000),
+                slots: BTreeMap::from([(slot, n)]),
+                total: n,
+            }
+        });
+        let req = LeaseRequest {
+            account: accounts[a],
+            now_ms,
+            want: if rng.random_bool(0.1) {
+                0
+            } else {
+                rng.random_range(1..60)
+            },
+            limits: limits[a],
+            instances: rng.random_range(1..4),
+            give_back,
+            spends: spends.as_ref(),
+            // Mostly urgent: a call alone waits the whole linger otherwise.
+            urgent: rng.random_bool(0.95),
+        };
+        let expected = memory.lease_now(&req).expect("memory store");
+        let got = store.lease(req.clone()).await.expect("redis store");
+        assert_eq!(got, expected, "step {step}: {req:?}");
+        gave_back += u32::from(give_back.is_some());
+        spent += u32::from(spends.is_some());
+        match got {
+            LeaseAnswer::Granted { tokens, .. } if tokens > 0 => {
+                granted += 1;
+                grants.push(Grant {
+                    account: a,
+                    slot: now_ms / 1000,
+                    day: calendar::day(now_ms),
+                    month: calendar::month(now_ms),
+                    tokens,
+                });
+            }
+            LeaseAnswer::Refused { .. } => refused += 1,
+            LeaseAnswer::Granted { .. } => {}
+        }
+    }
+    // The sequence covered what it is for.
+    assert!(
+        granted > 300 && refused > 100,
+        "granted {granted}, refused {refused}"
+    );
+    assert!(
+        gave_back > 200 && spent > 100,
+        "give-backs {gave_back}, spends {spent}"
+    );
+
+    // No key without a TTL: counters and windows of idle accounts go away by themselves.
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut con)
+        .await
+        .expect("keys");
+    assert!(keys.len() > 10, "{keys:?}");
+    for key in keys {
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .expect("ttl");
+        assert!(ttl > 0, "{key} has no TTL ({ttl})");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_lease_calls_share_round_trips_and_survive_an_emptied_script_cache() {
+    let redis = PrivateRedis::start().await;
+    let prefix = format!("{}:", unique("batch"));
+    let store =
+        Arc::new(RedisStore::new(&redis.url(), &prefix, Duration::from_secs(2)).expect("store"));
+    let limits = AccountLimits {
+        rate_per_minute: 10,
+        daily_cap: None,
+        monthly: None,
+    };
+    let now_ms = shared::now_ms();
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let calls = |accounts: std::ops::Range<u32>, urgent: bool| {
+        let tasks: Vec<_> = accounts
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let account = format!("acct{i}");
+                    store
+                        .lease(LeaseRequest {
+                            account: &account,
+                            now_ms,
+                            want: 6,
+                            limits,
+                            instances: 1,
+                            give_back: None,
+                            spends: None,
+                            urgent,
+                        })
+                        .await
+                })
+            })
+            .collect();
+        futures::future::join_all(tasks)
+    };
+    // One field of a command's statistics (`cmdstat_evalsha:calls=…,failed_calls=…`).
+    let stat = |info: &str, command: &str, field: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:")))
+            .and_then(|fields| {
+                fields
+                    .split(',')
+                    .filter_map(|f| f.split_once('='))
+                    .find(|(k, _)| *k == field)
+                    .and_then(|(_, v)| v.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let info = || async {
+        let mut con = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let s: String = redis::cmd("INFO")
+            .arg("all")
+            .query_async(&mut con)
+            .await
+            .expect("info");
+        s
+    };
+
+    // Not urgent: 300 calls made together wait at most the linger, and each is answered
+    // as if alone. The script cache is empty (a fresh Redis): the first calls come back
+    // NOSCRIPT, are sent again after SCRIPT LOAD, and still run once each.
+    let reads = |info: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_reads_processed:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("total_reads_processed")
+    };
+    let started = std::time::Instant::now();
+    for answer in calls(0..300, false).await {
+        assert!(
+            matches!(
+                answer.expect("task").expect("lease"),
+                LeaseAnswer::Granted {
+                    tokens: 6,
+                    day_used: 6,
+                    ..
+                }
+            ),
+            "every account alone: 6 tokens, 6 used today"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // Calls made 1 ms apart, none urgent: they wait for each other (up to the linger) and
+    // reach Redis in a few pipelines, not 40 round trips.
+    let before = info().await;
+    let mut spaced = Vec::new();
+    for i in 1000..1040 {
+        let store = Arc::clone(&store);
+        spaced.push(tokio::spawn(async move {
+            let account = format!("acct{i}");
+            store
+                .lease(LeaseRequest {
+                    account: &account,
+                    now_ms,
+                    want: 6,
+                    limits,
+                    instances: 1,
+                    give_back: None,
+                    spends: None,
+                    urgent: false,
+                })
+                .await
+        }));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for answer in futures::future::join_all(spaced).await {
+        assert!(matches!(
+            answer.expect("task").expect("lease"),
+            LeaseAnswer::Granted { tokens: 6, .. }
+        ));
+    }
+    // The INFO connection's own reads (its handshake and INFO) included.
+    let read = reads(&info().await) - reads(&before);
+    assert!(read <= 12, "{read} reads for 40 lease calls 1 ms apart");
+
+    // The same accounts again, now urgent: the window allows 4 more each, once.
+    for answer in calls(0..300, true).await {
+        assert!(matches!(
+            answer.expect("task").expect("lease"),
+            LeaseAnswer::Granted {
+                tokens: 4,
+                day_used: 10,
+                ..
+            }
+        ));
+    }
+
+    // An emptied cache mid-run (Redis restarted or flushed): answered, applied once.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut con)
+        .await
+        .expect("flush");
+    let before = info().await;
+    for answer in calls(0..300, false).await {
+        assert!(matches!(
+            answer.expect("task").expect("lease"),
+            LeaseAnswer::Refused { day_used: 10, .. }
+        ));
+    }
+    // Each call ran exactly once: some were answered NOSCRIPT first (those sent before the
+    // SCRIPT LOAD, one per batch that met the empty cache) and sent again.
+    let after = info().await;
+    let delta = |command, field| stat(&after, command, field) - stat(&before, command, field);
+    let noscript = delta("evalsha", "failed_calls");
+    assert_eq!(delta("evalsha", "calls") - noscript, 300, "EVALSHA runs");
+    assert!((1..=300).contains(&noscript), "{noscript} NOSCRIPT answers");
+    assert!(
+        (1..=2).contains(&delta("script|load", "calls")),
+        "SCRIPT LOADs"
+    );
+}
