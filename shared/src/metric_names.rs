@@ -32,8 +32,10 @@ pub const LIMITS_REDIS_UP: &str = "ingest_limits_redis_up";
 /// Plan-limit decisions made without Redis, by cause: `redis_degraded` (the instance is in a
 /// fallback: Redis failed, timed out or is slow) or `wait_budget` (one click's lease was late).
 pub const LIMITS_LOCAL_DECISIONS_TOTAL: &str = "ingest_limits_local_decisions_total";
-/// Round trips to Redis for token leases.
+/// Token lease calls to Redis (one script run each), by result.
 pub const LIMITS_LEASES_TOTAL: &str = "ingest_limits_leases_total"; // labels: result
+/// Pipelines the lease calls went to Redis in (a round trip each).
+pub const LIMITS_LEASE_PIPELINES_TOTAL: &str = "ingest_limits_lease_pipelines_total";
 /// Ingest instances sharing the limits, as last seen in Redis.
 pub const LIMITS_INSTANCES: &str = "ingest_limits_instances";
 
@@ -119,6 +121,10 @@ pub fn register_ingest() {
         LIMITS_LEASES_TOTAL,
         "Token lease requests to Redis, by result"
     );
+    describe_counter!(
+        LIMITS_LEASE_PIPELINES_TOTAL,
+        "Round trips to Redis carrying lease calls (several calls each when batched)"
+    );
     describe_gauge!(LIMITS_INSTANCES, "Ingest instances sharing the limits");
     describe_counter!(
         RATE_LIMIT_UNTRACKED_TOTAL,
@@ -132,6 +138,7 @@ pub fn register_ingest() {
         counter!(RATE_LIMIT_UNTRACKED_TOTAL, "table" => table).increment(0);
     }
     counter!(CLICKS_ACCEPTED_TOTAL).increment(0);
+    counter!(LIMITS_LEASE_PIPELINES_TOTAL).increment(0);
     counter!(RATE_LIMITED_TOTAL).increment(0);
     for cause in ["redis_degraded", "wait_budget"] {
         counter!(LIMITS_LOCAL_DECISIONS_TOTAL, "cause" => cause).increment(0);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use e2e::{unique, PrivateRedis};
 use ingest::limits::calendar;
 use ingest::limits::store::{
-    GiveBack, LeaseAnswer, LeaseRequest, LocalSpends, MemoryStore, QuotaStore, RedisStore,
+    GiveBack, LeaseAnswer, LeaseRequest, LocalSpends, MemoryStore, QuotaStore, RedisStore, Urgency,
 };
 use ingest::limits::AccountLimits;
 use rand::rngs::StdRng;
@@ -102,7 +102,7 @@ async fn the_lua_script_and_the_in_process_rules_agree_and_every_key_expires() {
             give_back,
             spends: spends.as_ref(),
             // Mostly urgent: a call alone waits the whole linger otherwise.
-            urgent: rng.random_bool(0.95),
+            urgent: Urgency::new(rng.random_bool(0.95)),
         };
         let expected = memory.lease_now(&req).expect("memory store");
         let got = store.lease(req.clone()).await.expect("redis store");
@@ -188,7 +188,7 @@ async fn concurrent_lease_calls_share_round_trips_and_survive_an_emptied_script_
                             instances: 1,
                             give_back: None,
                             spends: None,
-                            urgent,
+                            urgent: Urgency::new(urgent),
                         })
                         .await
                 })
@@ -264,7 +264,7 @@ async fn concurrent_lease_calls_share_round_trips_and_survive_an_emptied_script_
                     instances: 1,
                     give_back: None,
                     spends: None,
-                    urgent: false,
+                    urgent: Urgency::new(false),
                 })
                 .await
         }));
@@ -316,4 +316,69 @@ async fn concurrent_lease_calls_share_round_trips_and_survive_an_emptied_script_
         (1..=2).contains(&delta("script|load", "calls")),
         "SCRIPT LOADs"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_a_click_starts_waiting_for_goes_at_once_whenever_the_wait_starts() {
+    let redis = PrivateRedis::start().await;
+    let prefix = format!("{}:", unique("hurry"));
+    // A linger far longer than any answer: only urgency makes a call go before it.
+    let linger = Duration::from_secs(30);
+    let store = Arc::new(
+        RedisStore::new(&redis.url(), &prefix, Duration::from_secs(2))
+            .expect("store")
+            .with_linger(linger),
+    );
+    let limits = AccountLimits {
+        rate_per_minute: 100,
+        daily_cap: None,
+        monthly: None,
+    };
+    let lease = |account: &'static str, urgent: Urgency| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            store
+                .lease(LeaseRequest {
+                    account,
+                    now_ms: shared::now_ms(),
+                    want: 5,
+                    limits,
+                    instances: 1,
+                    give_back: None,
+                    spends: None,
+                    urgent,
+                })
+                .await
+        })
+    };
+    let answered = |task: tokio::task::JoinHandle<_>| async move {
+        let answer: Result<LeaseAnswer, _> = tokio::time::timeout(linger / 3, task)
+            .await
+            .expect("answered long before the linger")
+            .expect("task");
+        assert!(matches!(
+            answer.expect("lease"),
+            LeaseAnswer::Granted { tokens: 5, .. }
+        ));
+    };
+    // Urgent from the start.
+    answered(lease("a", Urgency::new(true))).await;
+    // Made ahead of need; a click starts waiting after it was queued: hurried.
+    let urgency = Urgency::new(false);
+    let call = lease("b", urgency.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    urgency.set();
+    store.hurry();
+    answered(call).await;
+    // The click starts waiting before the call reached the queue (its task had not run):
+    // the hurry finds nothing to send, the call is urgent when it arrives.
+    let urgency = Urgency::new(false);
+    urgency.set();
+    store.hurry();
+    answered(lease("c", urgency)).await;
+    // Nobody waits: it lingers.
+    let idle = lease("d", Urgency::new(false));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!idle.is_finished(), "a call nobody waits for lingers");
+    idle.abort();
 }

@@ -43,7 +43,8 @@ use shared::metric_names as m;
 use shared::plans::{Catalogue, Plan};
 use shared::registry::Resolved;
 use store::{
-    GiveBack, LeaseAnswer, LeaseRequest, LocalSpends, QuotaStore, AHEAD_MS, LEASE_MS, WINDOW_SLOTS,
+    GiveBack, LeaseAnswer, LeaseRequest, LocalSpends, QuotaStore, Urgency, AHEAD_MS, LEASE_MS,
+    WINDOW_SLOTS,
 };
 
 /// Which limit refused a click (the 429's `data.limit`).
@@ -243,6 +244,8 @@ struct Inner {
     next: Lease,
     serial: u64,
     fetching: bool,
+    /// Of the call in flight: set when a click starts waiting for it.
+    in_flight: Urgency,
     waiting: u32,
     demand: u64,
     demand_since_ms: u64,
@@ -410,8 +413,8 @@ struct Call {
     give_back: Option<GiveBack>,
     spends: Option<LocalSpends>,
     now_ms: u64,
-    /// A click waits for it.
-    urgent: bool,
+    /// A click waits for it (from the start, or since).
+    urgent: Urgency,
 }
 
 fn jitter_ms() -> u64 {
@@ -561,9 +564,10 @@ impl<S: QuotaStore> PlanLimiter<S> {
                 s.waiting += 1;
                 if !s.fetching {
                     self.start_fetch(&state, &mut s, limits, now_ms, false);
-                } else if s.waiting == 1 {
+                } else if !s.in_flight.is_set() {
                     // The call in flight was made ahead of need and may be waiting for a
-                    // batch: it is needed now.
+                    // batch (or not queued yet): it is needed now.
+                    s.in_flight.set();
                     self.store.hurry();
                 }
                 // Registered before the lock is released: the fetch's wake-up cannot be missed.
@@ -628,7 +632,8 @@ impl<S: QuotaStore> PlanLimiter<S> {
         };
         let give_back = (!s.give_back.is_empty()).then(|| s.give_back.remove(0));
         let spends = s.local.first().cloned();
-        let urgent = s.waiting > 0;
+        let urgent = Urgency::new(s.waiting > 0);
+        s.in_flight = urgent.clone();
         let limiter = Arc::clone(self);
         let state = Arc::clone(state);
         tokio::spawn(async move {

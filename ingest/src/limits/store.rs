@@ -67,8 +67,30 @@ pub struct LeaseRequest<'a> {
     pub instances: u32,
     pub give_back: Option<GiveBack>,
     pub spends: Option<&'a LocalSpends>,
-    /// A click waits for the answer: the call goes at once, not batched with later ones.
-    pub urgent: bool,
+    /// Whether a click waits for the answer (then the call goes at once, not batched with
+    /// later ones). It may become set after the call was made.
+    pub urgent: Urgency,
+}
+
+/// Whether a click waits for a lease call. The limiter sets it when a click starts waiting
+/// for a call already made, which may be queued for a batch by then, or not yet.
+#[derive(Debug, Clone, Default)]
+pub struct Urgency(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Urgency {
+    pub fn new(urgent: bool) -> Self {
+        Self(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+            urgent,
+        )))
+    }
+
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +130,8 @@ pub trait QuotaStore: Send + Sync + 'static {
     /// Removes this instance (clean shutdown).
     fn leave(&self, instance: &str) -> impl std::future::Future<Output = ()> + Send;
 
-    /// A click now waits for a call made ahead of need: send it without waiting for others.
+    /// A click now waits for a call made ahead of need (its [`Urgency`] is set): send it
+    /// without waiting for others.
     fn hurry(&self) {}
 }
 
@@ -262,7 +285,7 @@ enum Msg {
 /// A lease call waiting for its batch: the EVALSHA, and where its answer goes.
 struct Queued {
     cmd: redis::Cmd,
-    urgent: bool,
+    urgent: Urgency,
     reply: tokio::sync::oneshot::Sender<Result<Vec<i64>, StoreError>>,
 }
 
@@ -283,6 +306,7 @@ const MAX_BATCH: usize = 256;
 pub struct RedisStore {
     shared: std::sync::Arc<RedisShared>,
     batches: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Msg>>,
+    linger: Duration,
 }
 
 struct RedisShared {
@@ -308,14 +332,25 @@ impl RedisStore {
                 timeout,
             }),
             batches: std::sync::OnceLock::new(),
+            linger: Duration::from_millis(BATCH_LINGER_MS),
         })
+    }
+
+    /// Another linger than [`BATCH_LINGER_MS`] (tests make it long to see what hurries).
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
     }
 
     /// The batcher's queue; the batcher starts with the first call (inside the runtime).
     fn queue(&self) -> &tokio::sync::mpsc::UnboundedSender<Msg> {
         self.batches.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(batch_calls(std::sync::Arc::clone(&self.shared), rx));
+            tokio::spawn(batch_calls(
+                std::sync::Arc::clone(&self.shared),
+                rx,
+                self.linger,
+            ));
             tx
         })
     }
@@ -407,6 +442,7 @@ impl RedisShared {
             pipe.add_command(cmd.clone());
         }
         let mut con = self.connection().await?;
+        metrics::counter!(shared::metric_names::LIMITS_LEASE_PIPELINES_TOTAL).increment(1);
         let answers = con
             .req_packed_commands(&pipe, 0, pipe.len())
             .await
@@ -432,23 +468,24 @@ impl RedisShared {
 }
 
 /// Collects lease calls into pipelines until the store is dropped: a batch goes when a call
-/// in it has a click waiting, when its oldest call has waited [`BATCH_LINGER_MS`], or when
-/// it is full. Batches are sent concurrently (one connection; Redis runs them in order).
+/// in it has a click waiting (an [`Urgency`] set when it arrives, or a hurry while it
+/// waits), when its oldest call has waited the linger, or when it is full. Batches are sent concurrently (one connection; Redis runs them in order).
 async fn batch_calls(
     shared: std::sync::Arc<RedisShared>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Msg>,
+    linger: Duration,
 ) {
     while let Some(msg) = rx.recv().await {
         let Msg::Call(first) = msg else {
             continue; // nothing collected to hurry
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(BATCH_LINGER_MS);
-        let mut urgent = first.urgent;
+        let deadline = tokio::time::Instant::now() + linger;
+        let mut urgent = first.urgent.is_set();
         let mut batch = vec![first];
         while !urgent && batch.len() < MAX_BATCH {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(Msg::Call(q))) => {
-                    urgent = q.urgent;
+                    urgent = q.urgent.is_set();
                     batch.push(q);
                 }
                 Ok(Some(Msg::Hurry)) => urgent = true,
@@ -515,7 +552,7 @@ impl QuotaStore for RedisStore {
         self.queue()
             .send(Msg::Call(Queued {
                 cmd,
-                urgent: req.urgent,
+                urgent: req.urgent.clone(),
                 reply: tx,
             }))
             .map_err(|_| StoreError("lease batcher stopped".into()))?;
@@ -727,7 +764,7 @@ mod tests {
             instances: 1,
             give_back: None,
             spends: None,
-            urgent: true,
+            urgent: Urgency::new(true),
         }
     }
 

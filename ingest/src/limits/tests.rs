@@ -230,7 +230,7 @@ async fn without_the_store_each_instance_takes_its_share_and_catches_up_later() 
         instances: 3,
         give_back: None,
         spends: None,
-        urgent: true,
+        urgent: Urgency::new(true),
     }) {
         Ok(LeaseAnswer::Granted { day_used, .. }) => day_used,
         other => panic!("{other:?}"),
@@ -275,7 +275,7 @@ async fn a_refunded_token_is_spent_again_and_unused_tokens_go_back() {
         instances: 1,
         give_back: None,
         spends: None,
-        urgent: true,
+        urgent: Urgency::new(true),
     }) {
         Ok(LeaseAnswer::Granted { day_used, .. }) => day_used,
         other => panic!("{other:?}"),
@@ -298,7 +298,7 @@ async fn a_busy_accounts_give_back_waits_for_its_next_lease_and_a_quiet_ones_is_
         instances: 1,
         give_back: None,
         spends: None,
-        urgent: true,
+        urgent: Urgency::new(true),
     }) {
         Ok(LeaseAnswer::Granted { day_used, .. }) => day_used,
         other => panic!("{other:?}"),
