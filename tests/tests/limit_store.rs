@@ -156,6 +156,32 @@ async fn the_lua_script_and_the_in_process_rules_agree_and_every_key_expires() {
     }
 }
 
+/// A lease of 6 tokens for `acct{i}`, in a task of its own.
+fn spawn_lease(
+    store: &Arc<RedisStore>,
+    i: u32,
+    now_ms: u64,
+    limits: AccountLimits,
+    urgent: bool,
+) -> tokio::task::JoinHandle<Result<LeaseAnswer, ingest::limits::store::StoreError>> {
+    let store = Arc::clone(store);
+    tokio::spawn(async move {
+        let account = format!("acct{i}");
+        store
+            .lease(LeaseRequest {
+                account: &account,
+                now_ms,
+                want: 6,
+                limits,
+                instances: 1,
+                give_back: None,
+                spends: None,
+                urgent: Urgency::new(urgent),
+            })
+            .await
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_lease_calls_share_round_trips_and_survive_an_emptied_script_cache() {
     let redis = PrivateRedis::start().await;
@@ -175,24 +201,7 @@ async fn concurrent_lease_calls_share_round_trips_and_survive_an_emptied_script_
         .expect("connect");
     let calls = |accounts: std::ops::Range<u32>, urgent: bool| {
         let tasks: Vec<_> = accounts
-            .map(|i| {
-                let store = Arc::clone(&store);
-                tokio::spawn(async move {
-                    let account = format!("acct{i}");
-                    store
-                        .lease(LeaseRequest {
-                            account: &account,
-                            now_ms,
-                            want: 6,
-                            limits,
-                            instances: 1,
-                            give_back: None,
-                            spends: None,
-                            urgent: Urgency::new(urgent),
-                        })
-                        .await
-                })
-            })
+            .map(|i| spawn_lease(&store, i, now_ms, limits, urgent))
             .collect();
         futures::future::join_all(tasks)
     };
@@ -252,22 +261,7 @@ async fn concurrent_lease_calls_share_round_trips_and_survive_an_emptied_script_
     let before = info().await;
     let mut spaced = Vec::new();
     for i in 1000..1040 {
-        let store = Arc::clone(&store);
-        spaced.push(tokio::spawn(async move {
-            let account = format!("acct{i}");
-            store
-                .lease(LeaseRequest {
-                    account: &account,
-                    now_ms,
-                    want: 6,
-                    limits,
-                    instances: 1,
-                    give_back: None,
-                    spends: None,
-                    urgent: Urgency::new(false),
-                })
-                .await
-        }));
+        spaced.push(spawn_lease(&store, i, now_ms, limits, false));
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     for answer in futures::future::join_all(spaced).await {

@@ -636,38 +636,35 @@ impl<S: QuotaStore> PlanLimiter<S> {
         s.in_flight = urgent.clone();
         let limiter = Arc::clone(self);
         let state = Arc::clone(state);
-        tokio::spawn(async move {
-            let call = Call {
-                limits,
-                want,
-                give_back,
-                spends,
-                now_ms,
-                urgent,
-            };
-            limiter.fetch(&state, call).await;
-        });
-    }
-
-    async fn fetch(&self, state: &AccountState, call: Call) {
-        let Call {
+        let call = Call {
             limits,
             want,
             give_back,
             spends,
             now_ms,
             urgent,
-        } = call;
+        };
+        tokio::spawn(async move { limiter.fetch(&state, call).await });
+    }
+
+    async fn fetch(&self, state: &AccountState, call: Call) {
+        let Call {
+            limits,
+            spends,
+            now_ms,
+            ..
+        } = &call;
+        let (limits, now_ms) = (*limits, *now_ms);
         let started = Instant::now();
         let req = LeaseRequest {
             account: &state.id,
             now_ms,
-            want,
+            want: call.want,
             limits,
             instances: self.instances(),
-            give_back,
+            give_back: call.give_back,
             spends: spends.as_ref(),
-            urgent,
+            urgent: call.urgent.clone(),
         };
         let result = tokio::time::timeout(self.options.store_timeout, self.store.lease(req)).await;
         let took = started.elapsed();
