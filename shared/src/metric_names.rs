@@ -32,10 +32,14 @@ pub const LIMITS_REDIS_UP: &str = "ingest_limits_redis_up";
 /// Plan-limit decisions made without Redis, by cause: `redis_degraded` (the instance is in a
 /// fallback: Redis failed, timed out or is slow) or `wait_budget` (one click's lease was late).
 pub const LIMITS_LOCAL_DECISIONS_TOTAL: &str = "ingest_limits_local_decisions_total";
-/// Token lease calls to Redis (one script run each), by result.
-pub const LIMITS_LEASES_TOTAL: &str = "ingest_limits_leases_total"; // labels: result
+/// Token lease calls to Redis (one script run each), by result and by origin (`click_waits`,
+/// `click_ahead`, `sweep_ahead`, `sweep_owed`: who asked, and why).
+pub const LIMITS_LEASES_TOTAL: &str = "ingest_limits_leases_total"; // labels: result, origin
 /// Pipelines the lease calls went to Redis in (a round trip each).
 pub const LIMITS_LEASE_PIPELINES_TOTAL: &str = "ingest_limits_lease_pipelines_total";
+/// How long clicks that found no token waited for a lease call, by why the lease in hand had
+/// none (`first`: the account's first on this instance, `spent`, `expired`).
+pub const LIMITS_LEASE_WAIT: &str = "ingest_limits_lease_wait_seconds"; // labels: reason
 /// Ingest instances sharing the limits, as last seen in Redis.
 pub const LIMITS_INSTANCES: &str = "ingest_limits_instances";
 
@@ -124,6 +128,11 @@ pub fn register_ingest() {
     describe_counter!(
         LIMITS_LEASE_PIPELINES_TOTAL,
         "Round trips to Redis carrying lease calls (several calls each when batched)"
+    );
+    describe_histogram!(
+        LIMITS_LEASE_WAIT,
+        Unit::Seconds,
+        "Waits of clicks that found no token, until the lease call answered or the budget ran out, by why the lease had none"
     );
     describe_gauge!(LIMITS_INSTANCES, "Ingest instances sharing the limits");
     describe_counter!(

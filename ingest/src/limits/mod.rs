@@ -68,7 +68,7 @@ impl Limit {
 }
 
 /// What one account may do now: its plan's figures under its overage switch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct AccountLimits {
     pub rate_per_minute: u32,
     pub daily_cap: Option<u64>,
@@ -139,6 +139,11 @@ const SLOW_FACTOR: u32 = 4;
 const REFUSAL_REUSE_MS: u64 = 1000;
 /// What the store said about the day and month is trusted this long in a fallback.
 const SEEN_TRUST_MS: u64 = 300_000;
+/// The shortest time an account's demand is measured over: a burst of clicks a
+/// millisecond apart is no reason to lease (or to expect) a minute's worth.
+const DEMAND_MIN_MS: u64 = LEASE_MS / 4;
+/// How often the background task sweeps.
+const SWEEP_MS: u64 = 100;
 /// Per-account state is dropped after this long without clicks.
 const IDLE_MS: u64 = 120_000;
 
@@ -257,16 +262,35 @@ struct Inner {
     /// Unused tokens of expired leases, oldest first; one goes back with each call.
     give_back: Vec<GiveBack>,
     last_used_ms: u64,
+    /// The account's limits as its last click saw them (for the sweeper's calls).
+    limits: AccountLimits,
 }
 
 impl Inner {
-    fn take_token(&mut self, now_ms: u64) -> Option<TicketKind> {
+    /// Why the lease in hand has no token for a click now (after [`Inner::take_token`]
+    /// failed): the metric label of the click's wait.
+    fn empty_because(&self, now_ms: u64) -> &'static str {
+        if self.serial == 0 {
+            "first"
+        } else if now_ms >= self.lease.expires_ms && self.lease.granted > 0 {
+            "expired"
+        } else {
+            "spent"
+        }
+    }
+
+    /// The lease asked for ahead takes over when the one in hand is spent or expired.
+    fn promote(&mut self, now_ms: u64) {
         if !(self.lease.left > 0 && now_ms < self.lease.expires_ms) {
             self.retire_lease(now_ms);
             if self.next.left > 0 && now_ms < self.next.expires_ms {
                 self.lease = std::mem::take(&mut self.next);
             }
         }
+    }
+
+    fn take_token(&mut self, now_ms: u64) -> Option<TicketKind> {
+        self.promote(now_ms);
         if self.lease.left > 0 && now_ms < self.lease.expires_ms {
             self.lease.left -= 1;
             self.recent.add(now_ms / 1000, 1);
@@ -277,17 +301,42 @@ impl Inner {
         None
     }
 
-    /// Whether to ask for the next lease now, before this one runs out or expires (none
-    /// asked for yet): a quarter of its tokens left, or half of them spent with
-    /// [`AHEAD_MS`] to go. A lease less than half spent by then was bigger than the demand:
-    /// the next click after it expires asks for a new one itself.
+    /// Whether the click that took a token should ask for the next lease now, before the
+    /// next click needs it (none asked for yet): the lease in hand runs out, at the
+    /// account's rate since the last call, or expires within [`AHEAD_MS`] (a spent lease
+    /// of a slow account, too). Asked any earlier, the successor's life (counted from the
+    /// call) would overlap the lease in hand and the account would make more calls. The
+    /// successor is sized to the demand since the last call, so a lease bigger than the
+    /// demand is followed by a smaller one. Leases no click reaches in their last moments
+    /// are the sweeper's ([`Inner::wants_successor`]).
     fn wants_next(&self, now_ms: u64) -> bool {
+        let l = &self.lease;
+        if self.fetching || self.next.left > 0 || l.granted == 0 || now_ms >= l.expires_ms {
+            return false;
+        }
+        let elapsed = now_ms
+            .saturating_sub(self.demand_since_ms)
+            .max(DEMAND_MIN_MS);
+        let runs_out = u64::from(l.left) * elapsed <= self.demand * AHEAD_MS;
+        runs_out || now_ms + AHEAD_MS >= l.expires_ms
+    }
+
+    /// Whether the sweeper should ask for the successor of the lease in hand: no click
+    /// asked for it, the lease expires before the next sweep (and the call's linger) is
+    /// over, and the account had a click within a lease's length. The click after it
+    /// expires then finds a token, however the account's clicks fall in time (a pause just
+    /// longer than a lease, clicks just too far apart for one to land in the lease's last
+    /// [`AHEAD_MS`]). Asked this late, it shortens the lease's life by at most a sweep. The
+    /// successor is sized to the demand since the last call (at least one token); an
+    /// account that goes quiet makes one or two such calls.
+    fn wants_successor(&self, now_ms: u64) -> bool {
         let l = &self.lease;
         !self.fetching
             && self.next.left == 0
-            && l.left > 0
-            && (l.left * 4 <= l.granted
-                || (l.left * 2 <= l.granted && now_ms + AHEAD_MS >= l.expires_ms))
+            && l.granted > 0
+            && now_ms < l.expires_ms
+            && now_ms + SWEEP_MS + store::BATCH_LINGER_MS >= l.expires_ms
+            && now_ms.saturating_sub(self.last_used_ms) < LEASE_MS
     }
 
     /// Whether the sweeper should make a call just to pay what is owed. Local spends go at
@@ -324,10 +373,10 @@ impl Inner {
 
     /// How many tokens to ask for: the recent demand over one lease, at least the waiters.
     fn want(&mut self, now_ms: u64) -> u32 {
-        // At least 100 ms: two clicks a millisecond apart are no reason to lease a minute's worth.
+        // Clicks waiting for the call get a token each anyway.
         let elapsed = now_ms
             .saturating_sub(self.demand_since_ms)
-            .clamp(100, 10_000);
+            .clamp(DEMAND_MIN_MS, 10_000);
         let per_lease = (self.demand * LEASE_MS / elapsed).max(1);
         self.demand = 0;
         self.demand_since_ms = now_ms;
@@ -406,6 +455,18 @@ impl Inner {
     }
 }
 
+/// Records a click's wait for a lease (if it waited) when its check ends, however it ends.
+struct WaitTimer(Option<(Instant, &'static str)>);
+
+impl Drop for WaitTimer {
+    fn drop(&mut self) {
+        if let Some((since, reason)) = self.0 {
+            metrics::histogram!(m::LIMITS_LEASE_WAIT, "reason" => reason)
+                .record(since.elapsed().as_secs_f64());
+        }
+    }
+}
+
 /// One lease call's inputs, taken under the account's lock.
 struct Call {
     limits: AccountLimits,
@@ -415,6 +476,31 @@ struct Call {
     now_ms: u64,
     /// A click waits for it (from the start, or since).
     urgent: Urgency,
+    origin: Origin,
+}
+
+/// Who made a lease call, and why (the `origin` label of the lease calls metric).
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    /// A click found no token.
+    ClickWaits,
+    /// A click took a token and asked for the successor ([`Inner::wants_next`]).
+    ClickAhead,
+    /// The sweeper asked for a successor ([`Inner::wants_successor`]).
+    SweepAhead,
+    /// The sweeper paid give-backs or local spends ([`Inner::owes_now`]).
+    SweepOwed,
+}
+
+impl Origin {
+    fn label(self) -> &'static str {
+        match self {
+            Self::ClickWaits => "click_waits",
+            Self::ClickAhead => "click_ahead",
+            Self::SweepAhead => "sweep_ahead",
+            Self::SweepOwed => "sweep_owed",
+        }
+    }
 }
 
 fn jitter_ms() -> u64 {
@@ -516,6 +602,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
         let state = self.state(account);
         let deadline = Instant::now() + self.options.wait_budget;
         let mut first = true;
+        let mut wait = WaitTimer(None);
         loop {
             let notified = {
                 let mut s = state.lock();
@@ -523,11 +610,12 @@ impl<S: QuotaStore> PlanLimiter<S> {
                 if first {
                     s.demand += 1;
                     s.last_used_ms = now_ms;
+                    s.limits = limits;
                     first = false;
                 }
                 if let Some(kind) = s.take_token(now_ms) {
                     if s.wants_next(now_ms) {
-                        self.start_fetch(&state, &mut s, limits, now_ms, true);
+                        self.start_fetch(&state, &mut s, limits, now_ms, Origin::ClickAhead);
                     }
                     return Ok(Ticket {
                         account: account.account,
@@ -561,9 +649,12 @@ impl<S: QuotaStore> PlanLimiter<S> {
                         Err(refused) => Err(self.refusal(account, limits, refused, now_ms)),
                     };
                 }
+                if wait.0.is_none() {
+                    wait.0 = Some((Instant::now(), s.empty_because(now_ms)));
+                }
                 s.waiting += 1;
                 if !s.fetching {
-                    self.start_fetch(&state, &mut s, limits, now_ms, false);
+                    self.start_fetch(&state, &mut s, limits, now_ms, Origin::ClickWaits);
                 } else if !s.in_flight.is_set() {
                     // The call in flight was made ahead of need and may be waiting for a
                     // batch (or not queued yet): it is needed now.
@@ -614,17 +705,17 @@ impl<S: QuotaStore> PlanLimiter<S> {
         }
     }
 
-    /// `ahead`: the lease in hand still has tokens; this one is its successor.
     fn start_fetch(
         self: &Arc<Self>,
         state: &Arc<AccountState>,
         s: &mut Inner,
         limits: AccountLimits,
         now_ms: u64,
-        ahead: bool,
+        origin: Origin,
     ) {
         s.fetching = true;
         s.retire_lease(now_ms);
+        let ahead = matches!(origin, Origin::ClickAhead | Origin::SweepAhead);
         let want = if s.waiting > 0 || ahead {
             s.want(now_ms)
         } else {
@@ -643,6 +734,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
             spends,
             now_ms,
             urgent,
+            origin,
         };
         tokio::spawn(async move { limiter.fetch(&state, call).await });
     }
@@ -673,7 +765,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
         s.fetching = false;
         match result {
             Ok(Ok(answer)) => {
-                metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "answered").increment(1);
+                metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "answered", "origin" => call.origin.label()).increment(1);
                 if took > self.options.wait_budget * SLOW_FACTOR {
                     self.set_degraded(true, "slow");
                 }
@@ -769,14 +861,14 @@ impl<S: QuotaStore> PlanLimiter<S> {
                 }
             }
             Ok(Err(e)) => {
-                metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "error").increment(1);
+                metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "error", "origin" => call.origin.label()).increment(1);
                 tracing::debug!(error = %e, "lease failed");
                 // The give-back may or may not have been applied: it is dropped (the tokens
                 // stay counted). The spends stay for the next call.
                 self.set_degraded(true, "unreachable");
             }
             Err(_) => {
-                metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "timeout").increment(1);
+                metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "timeout", "origin" => call.origin.label()).increment(1);
                 self.set_degraded(true, "slow");
             }
         }
@@ -837,15 +929,19 @@ impl<S: QuotaStore> PlanLimiter<S> {
         let mut idle = Vec::new();
         for state in &states {
             let mut s = state.lock();
+            s.promote(now_ms);
             s.retire_lease(now_ms);
             let owes = !s.give_back.is_empty() || !s.local.is_empty();
-            if !s.fetching && !degraded && s.owes_now(now_ms) {
+            if !degraded && s.wants_successor(now_ms) {
+                let limits = s.limits;
+                self.start_fetch(state, &mut s, limits, now_ms, Origin::SweepAhead);
+            } else if !s.fetching && !degraded && s.owes_now(now_ms) {
                 let limits = AccountLimits {
                     rate_per_minute: 1,
                     daily_cap: None,
                     monthly: None,
                 };
-                self.start_fetch(state, &mut s, limits, now_ms, false);
+                self.start_fetch(state, &mut s, limits, now_ms, Origin::SweepOwed);
             } else if !owes && !s.fetching && s.waiting == 0 && s.last_used_ms + IDLE_MS < now_ms {
                 idle.push(Arc::clone(&state.id));
             }
@@ -872,7 +968,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
                     next_heartbeat = Instant::now() + Duration::from_millis(every);
                 }
                 limiter.sweep();
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(Duration::from_millis(SWEEP_MS)).await;
             }
         });
     }

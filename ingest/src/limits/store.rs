@@ -32,9 +32,9 @@ use super::{AccountLimits, Limit};
 
 /// How long a lease may be spent after the time it was asked at.
 pub const LEASE_MS: u64 = 2000;
-/// A lease at least half spent asks for its successor this long before it expires, so a
-/// steady account never waits for a lease call (and the call can be batched).
-pub const AHEAD_MS: u64 = 250;
+/// A lease asks for its successor this long before it runs out or expires, so a steady
+/// account never waits for a lease call (and the call can be batched).
+pub const AHEAD_MS: u64 = 150;
 /// Slots of the rolling window a check sums (60 s + the lease's 2 s + the slot boundary).
 pub const WINDOW_SLOTS: u64 = 63;
 
@@ -626,6 +626,8 @@ pub struct MemoryStore {
     instances: Mutex<HashMap<String, u64>>,
     /// While set, every call fails (a Redis outage in tests).
     pub failing: std::sync::atomic::AtomicBool,
+    /// Lease calls made through [`QuotaStore::lease`].
+    pub calls: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryStore {
@@ -722,6 +724,7 @@ impl MemoryStore {
 
 impl QuotaStore for MemoryStore {
     async fn lease(&self, req: LeaseRequest<'_>) -> Result<LeaseAnswer, StoreError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.lease_now(&req)
     }
 

@@ -360,3 +360,77 @@ fn the_sweeper_pays_at_once_only_local_spends_a_quiet_account_or_an_old_give_bac
     };
     assert!(local.owes_now(now));
 }
+
+/// A click that finds the lease in hand spent or expired waits for a lease call; a steady
+/// account's clicks never do, at any rate: the click that takes the last token of a small
+/// lease asks for the next one, and the sweeper asks for the successor of a lease that no
+/// click reached in its last moments. Once the account is quiet, its calls stop.
+#[tokio::test(start_paused = true)]
+async fn a_steady_account_never_waits_for_a_lease_and_a_quiet_one_stops_asking() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let c = catalogue();
+    let store = Arc::new(MemoryStore::default());
+    let clock = sim();
+    let limiter = instances(&store, 1, &clock).remove(0);
+    let big = account(&c, "big", true);
+    let settle = || async {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    // One click every 900 ms (leases of one or two tokens), every 330 ms, every 40 ms, then
+    // bursts of 5 clicks every 2.1 s (no click in a lease's last moments); the sweeper runs
+    // every 250 ms as in production.
+    let bursts_from = 39_200;
+    let times: Vec<u64> = (0..20)
+        .map(|i| i * 900)
+        .chain((0..40).map(|i| 18_000 + i * 330))
+        .chain((0..200).map(|i| 31_200 + i * 40))
+        .chain((0..40).map(|i| bursts_from + (i / 5) * 2100 + (i % 5) * 10))
+        .map(|t| T0 + t)
+        .collect();
+    let mut next_sweep = T0;
+    let mut waited = Vec::new();
+    for &at in &times {
+        while next_sweep <= at {
+            sweep_at(&clock, &limiter, next_sweep);
+            settle().await;
+            next_sweep += SWEEP_MS;
+        }
+        set(&clock, at);
+        let mut check = std::pin::pin!(limiter.check(&big));
+        match futures::poll!(check.as_mut()) {
+            std::task::Poll::Ready(r) => {
+                r.expect("accepted");
+            }
+            std::task::Poll::Pending => {
+                waited.push(at - T0);
+                check.await.expect("accepted");
+            }
+        }
+        settle().await;
+    }
+    assert_eq!(waited, vec![0], "only the account's first click waits");
+    // Quiet: the last lease's successor and the give-backs, then no call at all.
+    let calls_during_clicks = store.calls.load(SeqCst);
+    assert!(
+        calls_during_clicks < times.len() as u64 / 2,
+        "{calls_during_clicks} lease calls for {} clicks",
+        times.len()
+    );
+    let mut calls_after = Vec::new();
+    let quiet_sweeps = 20_000 / SWEEP_MS;
+    for k in 1..=quiet_sweeps {
+        sweep_at(&clock, &limiter, times[times.len() - 1] + k * SWEEP_MS);
+        settle().await;
+        calls_after.push(store.calls.load(SeqCst));
+    }
+    // After 5 s of quiet, nothing more (20 s of sweeps).
+    let at_5s = calls_after[(5_000 / SWEEP_MS) as usize];
+    assert_eq!(at_5s, calls_after[calls_after.len() - 1], "{calls_after:?}");
+    assert!(at_5s - calls_during_clicks <= 4, "{calls_after:?}");
+    println!(
+        "{} clicks: {calls_during_clicks} lease calls; quiet after: {} more",
+        times.len(),
+        at_5s - calls_during_clicks
+    );
+}
