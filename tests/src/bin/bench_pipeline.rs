@@ -168,6 +168,12 @@ fn wrk(url: &str, script: &Path, secs: u32) -> (f64, f64, f64) {
 
 /// oha at a fixed rate, one body per request from the lines of `body` in turn: (p50, p99,
 /// p99.9) in ms, and the share answered 2xx.
+/// The `origin` labels of the lease calls metric.
+const ORIGINS: [&str; 4] = ["click_waits", "click_ahead", "sweep_ahead", "sweep_owed"];
+
+/// Seconds of load before a latency run is measured.
+const WARM_UP_SECS: u32 = 3;
+
 fn oha(url: &str, body: &Path, rate: f64, secs: u32) -> (f64, f64, f64, f64) {
     let out = Command::new("oha")
         .args([
@@ -318,6 +324,7 @@ async fn bench_ingest(dir: &Path, script: &Path) {
         .ok()
         .and_then(|v| v.trim().parse().ok());
     let (mut redis_cpu, mut leases, mut pipelines, mut on_secs) = (0.0, 0.0, 0.0, 0.0);
+    let mut by_origin = [0.0; ORIGINS.len()];
     let on_metrics = on.url("/metrics");
     let off_pid = off.proc.child.id();
     println!("| run | limits on | limits off | bare hyper | on / bare | on / off |\n|---|---|---|---|---|---|");
@@ -325,6 +332,17 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     for run in 1..=rounds {
         let (cpu0, redis0) = (cpu_secs(pid), redis_pid.map_or(0.0, cpu_secs));
         let leases0 = metric_value(&on_metrics, m::LIMITS_LEASES_TOTAL).await;
+        let mut origins0 = Vec::new();
+        for o in ORIGINS {
+            origins0.push(
+                metric_where(
+                    &on_metrics,
+                    m::LIMITS_LEASES_TOTAL,
+                    &format!(r#"origin="{o}""#),
+                )
+                .await,
+            );
+        }
         let pipelines0 = metric_value(&on_metrics, m::LIMITS_LEASE_PIPELINES_TOTAL).await;
         let t0 = Instant::now();
         let (rps, n, non2xx) = wrk(&on_url, script, 10);
@@ -332,6 +350,15 @@ async fn bench_ingest(dir: &Path, script: &Path) {
         cpu += cpu_secs(pid) - cpu0;
         redis_cpu += redis_pid.map_or(0.0, cpu_secs) - redis0;
         leases += metric_value(&on_metrics, m::LIMITS_LEASES_TOTAL).await - leases0;
+        for (i, o) in ORIGINS.iter().enumerate() {
+            by_origin[i] += metric_where(
+                &on_metrics,
+                m::LIMITS_LEASES_TOTAL,
+                &format!(r#"origin="{o}""#),
+            )
+            .await
+                - origins0[i];
+        }
         pipelines += metric_value(&on_metrics, m::LIMITS_LEASE_PIPELINES_TOTAL).await - pipelines0;
         accepted += n - non2xx;
         total += n;
@@ -384,6 +411,15 @@ async fn bench_ingest(dir: &Path, script: &Path) {
             pipelines / on_secs.max(1e-3),
             leases / pipelines.max(1.0)
         );
+        let origins: Vec<String> = ORIGINS
+            .iter()
+            .zip(&by_origin)
+            .map(|(o, n)| format!("{o} {:.0}/s", n / on_secs.max(1e-3)))
+            .collect();
+        println!(
+            "| lease calls by origin (limits on) | {} | |",
+            origins.join(", ")
+        );
         // The machine is CPU-bound (load generator, ingest, broker and Redis on 2 cores), so
         // CPU per click is what limits cost in throughput, without the runs' noise.
         let on_cost = (cpu + redis_cpu) / accepted.max(1.0);
@@ -393,39 +429,114 @@ async fn bench_ingest(dir: &Path, script: &Path) {
             on_cost / off_cost.max(1e-12)
         );
     }
+    if std::env::var("BENCH_LATENCY").is_ok_and(|v| v == "0") {
+        return;
+    }
     let valid = dir.join("valid.jsonl");
     // Limits off at the same rates, in the order on, off, off, on (what the limits add to
     // latency, with the drift of the machine cancelled); clicks that waited out the lease
     // budget are counted.
-    for share in [0.5, 0.9] {
-        let waited0 = metric_where(
+    let wait_count = format!("{}_count", m::LIMITS_LEASE_WAIT);
+    let wait_sum = format!("{}_sum", m::LIMITS_LEASE_WAIT);
+    let reasons = ["first", "spent", "expired"];
+    let waits = || async {
+        let mut v = Vec::new();
+        for reason in reasons {
+            let label = format!(r#"reason="{reason}""#);
+            v.push((
+                metric_where(&on_metrics, &wait_count, &label).await,
+                metric_where(&on_metrics, &wait_sum, &label).await,
+            ));
+        }
+        v
+    };
+    let waited_out = || {
+        metric_where(
             &on_metrics,
             m::LIMITS_LOCAL_DECISIONS_TOTAL,
             r#"cause="wait_budget""#,
         )
-        .await;
+    };
+    for share in [0.5, 0.9] {
+        let rate = max * share;
+        let mut waited = 0.0;
+        let mut by_reason = vec![(0.0, 0.0); reasons.len()];
+        let mut calls = [0.0; ORIGINS.len()];
         for (limits, url) in [
             ("on", &on_url),
             ("off", &off_url),
             ("off", &off_url),
             ("on", &on_url),
         ] {
-            let (p50, p99, p999, ok) = oha(url, &valid, max * share, 10);
+            // Steady state: 3 s at the rate first (the instance sat idle during the other
+            // runs, and every account's first click after a pause waits for a lease).
+            oha(url, &valid, rate, WARM_UP_SECS);
+            let (waited0, waits0) = (waited_out().await, waits().await);
+            let mut origins0 = Vec::new();
+            for o in ORIGINS {
+                origins0.push(
+                    metric_where(
+                        &on_metrics,
+                        m::LIMITS_LEASES_TOTAL,
+                        &format!(r#"origin="{o}""#),
+                    )
+                    .await,
+                );
+            }
+            let (p50, p99, p999, ok) = oha(url, &valid, rate, 10);
             println!(
-                "| latency at {:.0}% of max, limits {limits} ({:.0} req/s, valid JSON clicks over the 10,000 codes, oha with latency correction) | p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, {:.1} % answered 2xx | p99 ≤ 10 ms at 50 % |",
+                "| latency at {:.0}% of max, limits {limits} ({rate:.0} req/s, valid JSON clicks over the 10,000 codes, oha with latency correction, after {WARM_UP_SECS} s at that rate) | p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, {:.1} % answered 2xx | p99 ≤ 10 ms at 50 % |",
                 share * 100.0,
-                max * share,
                 ok * 100.0
             );
+            if limits == "on" {
+                waited += waited_out().await - waited0;
+                for (i, o) in ORIGINS.iter().enumerate() {
+                    calls[i] += metric_where(
+                        &on_metrics,
+                        m::LIMITS_LEASES_TOTAL,
+                        &format!(r#"origin="{o}""#),
+                    )
+                    .await
+                        - origins0[i];
+                }
+                for (acc, ((n1, s1), (n0, s0))) in
+                    by_reason.iter_mut().zip(waits().await.iter().zip(&waits0))
+                {
+                    acc.0 += n1 - n0;
+                    acc.1 += s1 - s0;
+                }
+            }
         }
-        let waited = metric_where(
-            &on_metrics,
-            m::LIMITS_LOCAL_DECISIONS_TOTAL,
-            r#"cause="wait_budget""#,
-        )
-        .await
-            - waited0;
         println!("| clicks that waited out the lease budget in the two limits-on runs at {:.0}% | {waited:.0} | |", share * 100.0);
+        let sent = 2.0 * rate * 10.0;
+        let by_reason: Vec<String> = reasons
+            .iter()
+            .zip(&by_reason)
+            .map(|(reason, (n, sum))| {
+                format!(
+                    "{reason} {n:.0} ({:.2} % of clicks, mean {:.1} ms)",
+                    n / sent * 100.0,
+                    sum / n.max(1.0) * 1e3
+                )
+            })
+            .collect();
+        println!(
+            "| clicks that waited for a lease in the two limits-on runs at {:.0}%, by why the lease had no token | {} | |",
+            share * 100.0,
+            by_reason.join("; ")
+        );
+        let calls: Vec<String> = ORIGINS
+            .iter()
+            .zip(&calls)
+            .map(|(o, n)| format!("{o} {:.0}/s", n / 20.0))
+            .collect();
+        println!(
+            "| lease calls by origin in the two limits-on runs at {:.0}% ({:.0} clicks/s) | {} | |",
+            share * 100.0,
+            rate,
+            calls.join(", ")
+        );
     }
     println!(
         "| ingest peak RSS (limits on, after all runs; 10,000 codes) | {:.1} MiB | ≤ 64 MiB + registry |",
