@@ -967,7 +967,10 @@ impl<S: QuotaStore> PlanLimiter<S> {
                     let every = if limiter.is_degraded() { 500 } else { 2000 };
                     next_heartbeat = Instant::now() + Duration::from_millis(every);
                 }
-                limiter.sweep();
+                // Off the async workers: a sweep visits every account state (measured, release
+                // build: 65 µs for 2,000 accounts, 12.8 ms for 100,000).
+                let sweeper = Arc::clone(&limiter);
+                let _ = tokio::task::spawn_blocking(move || sweeper.sweep()).await;
                 tokio::time::sleep(Duration::from_millis(SWEEP_MS)).await;
             }
         });
