@@ -171,6 +171,15 @@ fn wrk(url: &str, script: &Path, secs: u32) -> (f64, f64, f64) {
 /// The `origin` labels of the lease calls metric.
 const ORIGINS: [&str; 4] = ["click_waits", "click_ahead", "sweep_ahead", "sweep_owed"];
 
+/// Lease calls so far at a /metrics URL, per [`ORIGINS`] entry.
+async fn calls_by_origin(metrics: &str) -> [f64; ORIGINS.len()] {
+    let mut calls = [0.0; ORIGINS.len()];
+    for (n, o) in calls.iter_mut().zip(ORIGINS) {
+        *n = metric_where(metrics, m::LIMITS_LEASES_TOTAL, &format!(r#"origin="{o}""#)).await;
+    }
+    calls
+}
+
 /// Seconds of load before a latency run is measured.
 const WARM_UP_SECS: u32 = 3;
 
@@ -332,17 +341,7 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     for run in 1..=rounds {
         let (cpu0, redis0) = (cpu_secs(pid), redis_pid.map_or(0.0, cpu_secs));
         let leases0 = metric_value(&on_metrics, m::LIMITS_LEASES_TOTAL).await;
-        let mut origins0 = Vec::new();
-        for o in ORIGINS {
-            origins0.push(
-                metric_where(
-                    &on_metrics,
-                    m::LIMITS_LEASES_TOTAL,
-                    &format!(r#"origin="{o}""#),
-                )
-                .await,
-            );
-        }
+        let origins0 = calls_by_origin(&on_metrics).await;
         let pipelines0 = metric_value(&on_metrics, m::LIMITS_LEASE_PIPELINES_TOTAL).await;
         let t0 = Instant::now();
         let (rps, n, non2xx) = wrk(&on_url, script, 10);
@@ -350,14 +349,9 @@ async fn bench_ingest(dir: &Path, script: &Path) {
         cpu += cpu_secs(pid) - cpu0;
         redis_cpu += redis_pid.map_or(0.0, cpu_secs) - redis0;
         leases += metric_value(&on_metrics, m::LIMITS_LEASES_TOTAL).await - leases0;
-        for (i, o) in ORIGINS.iter().enumerate() {
-            by_origin[i] += metric_where(
-                &on_metrics,
-                m::LIMITS_LEASES_TOTAL,
-                &format!(r#"origin="{o}""#),
-            )
-            .await
-                - origins0[i];
+        let origins = calls_by_origin(&on_metrics).await;
+        for (total, (n1, n0)) in by_origin.iter_mut().zip(origins.iter().zip(&origins0)) {
+            *total += n1 - n0;
         }
         pipelines += metric_value(&on_metrics, m::LIMITS_LEASE_PIPELINES_TOTAL).await - pipelines0;
         accepted += n - non2xx;
@@ -472,17 +466,7 @@ async fn bench_ingest(dir: &Path, script: &Path) {
             // runs, and every account's first click after a pause waits for a lease).
             oha(url, &valid, rate, WARM_UP_SECS);
             let (waited0, waits0) = (waited_out().await, waits().await);
-            let mut origins0 = Vec::new();
-            for o in ORIGINS {
-                origins0.push(
-                    metric_where(
-                        &on_metrics,
-                        m::LIMITS_LEASES_TOTAL,
-                        &format!(r#"origin="{o}""#),
-                    )
-                    .await,
-                );
-            }
+            let origins0 = calls_by_origin(&on_metrics).await;
             let (p50, p99, p999, ok) = oha(url, &valid, rate, 10);
             println!(
                 "| latency at {:.0}% of max, limits {limits} ({rate:.0} req/s, valid JSON clicks over the 10,000 codes, oha with latency correction, after {WARM_UP_SECS} s at that rate) | p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, {:.1} % answered 2xx | p99 ≤ 10 ms at 50 % |",
@@ -491,14 +475,9 @@ async fn bench_ingest(dir: &Path, script: &Path) {
             );
             if limits == "on" {
                 waited += waited_out().await - waited0;
-                for (i, o) in ORIGINS.iter().enumerate() {
-                    calls[i] += metric_where(
-                        &on_metrics,
-                        m::LIMITS_LEASES_TOTAL,
-                        &format!(r#"origin="{o}""#),
-                    )
-                    .await
-                        - origins0[i];
+                let origins = calls_by_origin(&on_metrics).await;
+                for (total, (n1, n0)) in calls.iter_mut().zip(origins.iter().zip(&origins0)) {
+                    *total += n1 - n0;
                 }
                 for (acc, ((n1, s1), (n0, s0))) in
                     by_reason.iter_mut().zip(waits().await.iter().zip(&waits0))
