@@ -123,7 +123,7 @@ pub fn register_ingest() {
     );
     describe_counter!(
         LIMITS_LEASES_TOTAL,
-        "Token lease requests to Redis, by result"
+        "Token lease calls to Redis, by result and origin"
     );
     describe_counter!(
         LIMITS_LEASE_PIPELINES_TOTAL,

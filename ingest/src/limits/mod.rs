@@ -279,7 +279,8 @@ impl Inner {
         }
     }
 
-    /// The lease asked for ahead takes over when the one in hand is spent or expired.
+    /// The lease asked for ahead takes over when the one in hand is spent or expired (the
+    /// leftovers of expired leases go to the give-backs).
     fn promote(&mut self, now_ms: u64) {
         if !(self.lease.left > 0 && now_ms < self.lease.expires_ms) {
             self.retire_lease(now_ms);
@@ -740,13 +741,11 @@ impl<S: QuotaStore> PlanLimiter<S> {
     }
 
     async fn fetch(&self, state: &AccountState, call: Call) {
-        let Call {
-            limits,
-            spends,
-            now_ms,
-            ..
-        } = &call;
-        let (limits, now_ms) = (*limits, *now_ms);
+        let (limits, now_ms, spends) = (call.limits, call.now_ms, &call.spends);
+        let counted = |result: &'static str| {
+            metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => result, "origin" => call.origin.label())
+                .increment(1);
+        };
         let started = Instant::now();
         let req = LeaseRequest {
             account: &state.id,
@@ -765,7 +764,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
         s.fetching = false;
         match result {
             Ok(Ok(answer)) => {
-                metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "answered", "origin" => call.origin.label()).increment(1);
+                counted("answered");
                 if took > self.options.wait_budget * SLOW_FACTOR {
                     self.set_degraded(true, "slow");
                 }
@@ -861,14 +860,14 @@ impl<S: QuotaStore> PlanLimiter<S> {
                 }
             }
             Ok(Err(e)) => {
-                metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "error", "origin" => call.origin.label()).increment(1);
+                counted("error");
                 tracing::debug!(error = %e, "lease failed");
                 // The give-back may or may not have been applied: it is dropped (the tokens
                 // stay counted). The spends stay for the next call.
                 self.set_degraded(true, "unreachable");
             }
             Err(_) => {
-                metrics::counter!(m::LIMITS_LEASES_TOTAL, "result" => "timeout", "origin" => call.origin.label()).increment(1);
+                counted("timeout");
                 self.set_degraded(true, "slow");
             }
         }
@@ -930,17 +929,13 @@ impl<S: QuotaStore> PlanLimiter<S> {
         for state in &states {
             let mut s = state.lock();
             s.promote(now_ms);
-            s.retire_lease(now_ms);
             let owes = !s.give_back.is_empty() || !s.local.is_empty();
+            // With the limits the account's last click saw (a call that only pays what is
+            // owed asks for nothing, and the store checks no limit for it).
+            let limits = s.limits;
             if !degraded && s.wants_successor(now_ms) {
-                let limits = s.limits;
                 self.start_fetch(state, &mut s, limits, now_ms, Origin::SweepAhead);
             } else if !s.fetching && !degraded && s.owes_now(now_ms) {
-                let limits = AccountLimits {
-                    rate_per_minute: 1,
-                    daily_cap: None,
-                    monthly: None,
-                };
                 self.start_fetch(state, &mut s, limits, now_ms, Origin::SweepOwed);
             } else if !owes && !s.fetching && s.waiting == 0 && s.last_used_ms + IDLE_MS < now_ms {
                 idle.push(Arc::clone(&state.id));

@@ -70,6 +70,12 @@ fn sweep_at(clock: &Sim, l: &Arc<PlanLimiter<MemoryStore>>, t: u64) {
     l.sweep();
 }
 
+/// Lets the lease calls spawned so far run and answer (the store answers at once).
+async fn settle(ms: u64) {
+    tokio::task::yield_now().await;
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
 /// The most accepted clicks in any window `[t, t + 60 s)`.
 fn max_per_minute(times: &[u64]) -> usize {
     let mut best = 0;
@@ -220,8 +226,7 @@ async fn without_the_store_each_instance_takes_its_share_and_catches_up_later() 
         assert!(!l.is_degraded());
         sweep_at(&clock, l, t);
     }
-    tokio::task::yield_now().await;
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    settle(10).await;
     let day = match store.lease_now(&LeaseRequest {
         account: &who.account_id,
         now_ms: t,
@@ -265,8 +270,7 @@ async fn a_refunded_token_is_spent_again_and_unused_tokens_go_back() {
             .expect("ok");
     }
     sweep_at(&clock, &limiter, T0 + 5000 + 2 * LEASE_MS);
-    tokio::task::yield_now().await;
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    settle(10).await;
     let used = match store.lease_now(&LeaseRequest {
         account: &big.account_id,
         now_ms: T0 + 8000,
@@ -303,28 +307,24 @@ async fn a_busy_accounts_give_back_waits_for_its_next_lease_and_a_quiet_ones_is_
         Ok(LeaseAnswer::Granted { day_used, .. }) => day_used,
         other => panic!("{other:?}"),
     };
-    let settle = || async {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
     for i in 0..50 {
         check_at(&clock, &limiter, &big, T0 + i).await.expect("ok");
     }
     check_at(&clock, &limiter, &big, T0 + 1900)
         .await
         .expect("ok");
-    settle().await;
+    settle(10).await;
     let leased = granted();
     assert!(leased > 51, "a lease larger than the clicks ({leased})");
     // The first leases have expired with tokens left, but the account was used 200 ms ago:
     // its next lease call carries them, so the sweeper makes no call of its own.
     sweep_at(&clock, &limiter, T0 + 2100);
-    settle().await;
+    settle(10).await;
     assert_eq!(granted(), leased, "no give-back call for a busy account");
     // Quiet for a lease's length: the sweeper pays what is owed, one give-back a call.
     for k in 0..8 {
         sweep_at(&clock, &limiter, T0 + 6000 + k * 250);
-        settle().await;
+        settle(10).await;
     }
     assert_eq!(granted(), 51, "what was not spent went back");
 }
@@ -373,10 +373,6 @@ async fn a_steady_account_never_waits_for_a_lease_and_a_quiet_one_stops_asking()
     let clock = sim();
     let limiter = instances(&store, 1, &clock).remove(0);
     let big = account(&c, "big", true);
-    let settle = || async {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    };
     // One click every 900 ms (leases of one or two tokens), every 330 ms, every 40 ms, then
     // bursts of 5 clicks every 2.1 s (no click in a lease's last moments); the sweeper runs
     // every 250 ms as in production.
@@ -393,7 +389,7 @@ async fn a_steady_account_never_waits_for_a_lease_and_a_quiet_one_stops_asking()
     for &at in &times {
         while next_sweep <= at {
             sweep_at(&clock, &limiter, next_sweep);
-            settle().await;
+            settle(1).await;
             next_sweep += SWEEP_MS;
         }
         set(&clock, at);
@@ -407,7 +403,7 @@ async fn a_steady_account_never_waits_for_a_lease_and_a_quiet_one_stops_asking()
                 check.await.expect("accepted");
             }
         }
-        settle().await;
+        settle(1).await;
     }
     assert_eq!(waited, vec![0], "only the account's first click waits");
     // Quiet: the last lease's successor and the give-backs, then no call at all.
@@ -421,7 +417,7 @@ async fn a_steady_account_never_waits_for_a_lease_and_a_quiet_one_stops_asking()
     let quiet_sweeps = 20_000 / SWEEP_MS;
     for k in 1..=quiet_sweeps {
         sweep_at(&clock, &limiter, times[times.len() - 1] + k * SWEEP_MS);
-        settle().await;
+        settle(1).await;
         calls_after.push(store.calls.load(SeqCst));
     }
     // After 5 s of quiet, nothing more (20 s of sweeps).

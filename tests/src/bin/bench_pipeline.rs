@@ -180,8 +180,20 @@ async fn calls_by_origin(metrics: &str) -> [f64; ORIGINS.len()] {
     calls
 }
 
+/// "click_waits 12/s, ...": lease calls per second of `secs`, per [`ORIGINS`] entry.
+fn per_second_by_origin(calls: &[f64; ORIGINS.len()], secs: f64) -> String {
+    let rates: Vec<String> = ORIGINS
+        .iter()
+        .zip(calls)
+        .map(|(o, n)| format!("{o} {:.0}/s", n / secs.max(1e-3)))
+        .collect();
+    rates.join(", ")
+}
+
 /// Seconds of load before a latency run is measured.
 const WARM_UP_SECS: u32 = 3;
+/// Seconds of a measured latency run.
+const LATENCY_SECS: u32 = 10;
 
 fn oha(url: &str, body: &Path, rate: f64, secs: u32) -> (f64, f64, f64, f64) {
     let out = Command::new("oha")
@@ -405,14 +417,9 @@ async fn bench_ingest(dir: &Path, script: &Path) {
             pipelines / on_secs.max(1e-3),
             leases / pipelines.max(1.0)
         );
-        let origins: Vec<String> = ORIGINS
-            .iter()
-            .zip(&by_origin)
-            .map(|(o, n)| format!("{o} {:.0}/s", n / on_secs.max(1e-3)))
-            .collect();
         println!(
             "| lease calls by origin (limits on) | {} | |",
-            origins.join(", ")
+            per_second_by_origin(&by_origin, on_secs)
         );
         // The machine is CPU-bound (load generator, ingest, broker and Redis on 2 cores), so
         // CPU per click is what limits cost in throughput, without the runs' noise.
@@ -467,7 +474,7 @@ async fn bench_ingest(dir: &Path, script: &Path) {
             oha(url, &valid, rate, WARM_UP_SECS);
             let (waited0, waits0) = (waited_out().await, waits().await);
             let origins0 = calls_by_origin(&on_metrics).await;
-            let (p50, p99, p999, ok) = oha(url, &valid, rate, 10);
+            let (p50, p99, p999, ok) = oha(url, &valid, rate, LATENCY_SECS);
             println!(
                 "| latency at {:.0}% of max, limits {limits} ({rate:.0} req/s, valid JSON clicks over the 10,000 codes, oha with latency correction, after {WARM_UP_SECS} s at that rate) | p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, {:.1} % answered 2xx | p99 ≤ 10 ms at 50 % |",
                 share * 100.0,
@@ -488,7 +495,7 @@ async fn bench_ingest(dir: &Path, script: &Path) {
             }
         }
         println!("| clicks that waited out the lease budget in the two limits-on runs at {:.0}% | {waited:.0} | |", share * 100.0);
-        let sent = 2.0 * rate * 10.0;
+        let sent = 2.0 * rate * f64::from(LATENCY_SECS);
         let by_reason: Vec<String> = reasons
             .iter()
             .zip(&by_reason)
@@ -505,16 +512,11 @@ async fn bench_ingest(dir: &Path, script: &Path) {
             share * 100.0,
             by_reason.join("; ")
         );
-        let calls: Vec<String> = ORIGINS
-            .iter()
-            .zip(&calls)
-            .map(|(o, n)| format!("{o} {:.0}/s", n / 20.0))
-            .collect();
         println!(
             "| lease calls by origin in the two limits-on runs at {:.0}% ({:.0} clicks/s) | {} | |",
             share * 100.0,
             rate,
-            calls.join(", ")
+            per_second_by_origin(&calls, 2.0 * f64::from(LATENCY_SECS))
         );
     }
     println!(
