@@ -361,6 +361,7 @@ impl Pipeline {
                 rows,
                 "buffer full: pausing fetch until ClickHouse takes rows"
             );
+            metrics::counter!(m::FETCH_PAUSES_TOTAL).increment(1);
             self.set_paused(true, false);
         }
     }

@@ -54,6 +54,8 @@ pub const INSERT_ERRORS_TOTAL: &str = "consumer_insert_errors_total";
 pub const PARTITION_LAG: &str = "consumer_partition_lag_messages"; // labels: partition
 pub const OLDEST_UNFLUSHED_AGE: &str = "consumer_oldest_unflushed_age_seconds";
 pub const BUFFERED_ROWS: &str = "consumer_buffered_rows";
+/// Times fetching paused because `CONSUMER_MAX_BUFFERED_ROWS` were in hand.
+pub const FETCH_PAUSES_TOTAL: &str = "consumer_fetch_pauses_total";
 pub const CLICKHOUSE_UP: &str = "consumer_clickhouse_up";
 /// Plans recorded by another member that this one inserted again (a no-op at the server).
 pub const PLANS_REPLAYED_TOTAL: &str = "consumer_plans_replayed_total";
@@ -209,6 +211,10 @@ pub fn register_consumer() {
         "Age of the oldest message not yet in ClickHouse"
     );
     describe_gauge!(BUFFERED_ROWS, "Rows held in memory awaiting insert");
+    describe_counter!(
+        FETCH_PAUSES_TOTAL,
+        "Times fetching paused because the buffer was full"
+    );
     describe_gauge!(
         CLICKHOUSE_UP,
         "1 when ClickHouse answered the last check or insert"
@@ -231,6 +237,7 @@ pub fn register_consumer() {
         }
     }
     counter!(CONSUMED_TOTAL).increment(0);
+    counter!(FETCH_PAUSES_TOTAL).increment(0);
     counter!(INSERTED_ROWS_TOTAL).increment(0);
     counter!(INSERT_ERRORS_TOTAL).increment(0);
     counter!(PLANS_REPLAYED_TOTAL).increment(0);

@@ -1033,3 +1033,35 @@ async fn a_newer_minor_event_is_written_and_a_new_major_is_dead_lettered() {
     );
     scope.drop_database().await;
 }
+
+/// A full buffer pauses fetching and a flush resumes it, many times over a backlog: no
+/// message is skipped or written twice. At a pause librdkafka drops what it prefetched
+/// and resumes at the message after the last one handed to the consumer, usually inside
+/// a record batch; the broker must answer such a fetch from that offset (tansu's
+/// `memory://` storage does not, see the README's tansu section).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_buffer_pauses_fetching_and_skips_no_message() {
+    let scope = Scope::new("eo_paused", 4).await;
+    let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
+    for _ in 0..6 {
+        feeder.send(5000).await;
+    }
+    let mut opts = scope.consumer_options();
+    opts.extra_env
+        .push(("CONSUMER_BATCH_MAX_ROWS".into(), "1000".into()));
+    opts.extra_env
+        .push(("CONSUMER_MAX_BUFFERED_ROWS".into(), "2000".into()));
+    let consumer = ConsumerProc::start(&opts);
+    consumer.ready().await;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "consumer buffer full (CONSUMER_MAX_BUFFERED_ROWS=2000): fetching paused and resumed",
+        "30,000 events pre-filled",
+        feeder.sent.len(),
+    )
+    .await;
+    let pauses = consumer.metric("consumer_fetch_pauses_total").await;
+    assert!(pauses >= 3.0, "fetching paused {pauses} times");
+    scope.drop_database().await;
+}

@@ -547,7 +547,7 @@ fn event(i: u64) -> Vec<u8> {
 }
 
 async fn bench_consumer(rows: u64) {
-    println!("\n## consumer ({rows} events pre-filled, tansu on memory storage, default batch settings)\n");
+    println!("\n## consumer ({rows} events pre-filled, tansu on memory storage, default batch settings, buffer above the backlog)\n");
     let (_broker, brokers) = private_broker(true).await;
     let topic = unique("bench_clicks");
     create_topic(&brokers, &topic, 8).await;
@@ -678,7 +678,18 @@ async fn bench_consumer(rows: u64) {
             group: unique("bench_group"),
             clickhouse_url: url.clone(),
             database: database.clone(),
-            extra_env: vec![("LOG_LEVEL".into(), "warn".into())],
+            // The whole backlog may be in hand: fetching never pauses. tansu's memory
+            // storage cannot answer a fetch from inside a record batch (it skips to the next
+            // batch), which is where a resumed partition fetches from; the durable storage
+            // can (`a_full_buffer_pauses_fetching_and_skips_no_message`). So peak RSS below
+            // includes up to the whole backlog.
+            extra_env: vec![
+                ("LOG_LEVEL".into(), consumer_log_level()),
+                (
+                    "CONSUMER_MAX_BUFFERED_ROWS".into(),
+                    (rows + 1).max(200_000).to_string(),
+                ),
+            ],
         };
         let started = Instant::now();
         let consumer = ConsumerProc::start(&opts);
@@ -754,6 +765,12 @@ async fn bench_consumer(rows: u64) {
         "| consumer peak RSS / CPU-seconds per million rows (median) | {rss:.1} MiB / {:.1} s | |",
         median(&mut cpu_per_m)
     );
+}
+
+/// The consumer's log level in the benchmarks: `warn`, or `BENCH_CONSUMER_LOG` (the log is
+/// the file `ConsumerProc` names on its start line).
+fn consumer_log_level() -> String {
+    std::env::var("BENCH_CONSUMER_LOG").unwrap_or_else(|_| "warn".into())
 }
 
 async fn ch_drop(ch: &ClickHouse, db: &str) -> Result<String, String> {
@@ -870,7 +887,9 @@ async fn bench_freshness() {
     let (_broker, brokers) = private_broker(false).await;
     let scope = Scope::with_brokers("bench_fresh", 8, &brokers).await;
     let mut copts = scope.consumer_options();
-    copts.extra_env.push(("LOG_LEVEL".into(), "warn".into()));
+    copts
+        .extra_env
+        .push(("LOG_LEVEL".into(), consumer_log_level()));
     let consumer = ConsumerProc::start(&copts);
     let ingest = Ingest::start(&IngestOptions {
         extra_env: unlimited(),
