@@ -8,7 +8,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
 
-use crate::plan::{MessageHash, PlanRange, RecordedPlan};
+use crate::plan::{MessageHash, PlanGroup, PlanRange, RecordedPlan};
 use crate::row::ClickRow;
 
 #[derive(Debug)]
@@ -30,6 +30,11 @@ pub enum PlanState {
         len: usize,
         /// Recorded by another member (a replay of its work) and how long ago.
         replayed_age_ms: Option<u64>,
+        /// The group the followed plan was recorded in, and when.
+        group: Option<PlanGroup>,
+        planned_at_ms: u64,
+        /// Whether that group can be inserted whole, once known ([`crate::plan::group_is_whole`]).
+        group_whole: Option<bool>,
     },
 }
 
@@ -151,6 +156,9 @@ impl PartitionState {
                     range: ours,
                     len,
                     replayed_age_ms,
+                    group: plan.group.clone(),
+                    planned_at_ms: plan.planned_at_ms,
+                    group_whole: None,
                 });
                 return Agreement::Agreed;
             }
@@ -176,6 +184,9 @@ impl PartitionState {
                     range: plan.range.clone(),
                     len,
                     replayed_age_ms: Some(now_ms.saturating_sub(plan.planned_at_ms)),
+                    group: plan.group.clone(),
+                    planned_at_ms: plan.planned_at_ms,
+                    group_whole: None,
                 });
                 return Agreement::Agreed;
             }
@@ -192,6 +203,7 @@ impl PartitionState {
                 range,
                 len,
                 replayed_age_ms,
+                ..
             }) => Some((
                 range,
                 self.entries
@@ -201,6 +213,32 @@ impl PartitionState {
                 *replayed_age_ms,
             )),
             _ => None,
+        }
+    }
+
+    /// The group of the agreed plan (if it was recorded in one) and when it was recorded.
+    pub fn agreed_group(&self) -> Option<(&PlanGroup, u64)> {
+        match &self.plan {
+            Some(PlanState::Agreed {
+                group: Some(group),
+                planned_at_ms,
+                ..
+            }) => Some((group, *planned_at_ms)),
+            _ => None,
+        }
+    }
+
+    /// Whether the agreed plan's group can be inserted whole, once known.
+    pub fn agreed_group_whole(&self) -> Option<bool> {
+        match &self.plan {
+            Some(PlanState::Agreed { group_whole, .. }) => *group_whole,
+            _ => None,
+        }
+    }
+
+    pub fn set_agreed_group_whole(&mut self, whole: bool) {
+        if let Some(PlanState::Agreed { group_whole, .. }) = &mut self.plan {
+            *group_whole = Some(whole);
         }
     }
 
@@ -365,6 +403,7 @@ mod tests {
             range,
             member: member.into(),
             planned_at_ms: 0,
+            group: None,
         }
     }
 
@@ -376,6 +415,7 @@ mod tests {
             range: range.clone(),
             member: "me".into(),
             planned_at_ms: 0,
+            group: None,
         }];
         assert_eq!(away.agree(&recorded, "me", 0), Agreement::Agreed);
         let mut meanwhile = PartitionState::new(0, RecentIds::new(60_000, 100));

@@ -48,13 +48,31 @@
 //! so before replaying it the member asks which of its offsets are stored (bounded to the
 //! plan's offsets and ingest months) and sends only the rest.
 //!
+//! # Plan groups
+//! Each insert makes a part in the table and in every view's target table, which costs the
+//! server far more than the rows of a small batch (README, "Plan groups"). So the plans a
+//! member proposes in one flush are recorded as one group (a few groups for a large flush,
+//! about `GROUP_MIN_ROWS` each, at most `CONSUMER_INSERT_CONCURRENCY`) and go in as one
+//! INSERT under the group's token ([`PlanGroup`]). What keeps invariant 2:
+//! * A group is **whole** when, at each of its start offsets, the plan everyone follows is
+//!   the group's own ([`group_is_whole`], decided from the plans table alone, so every
+//!   member decides alike, and for good). Only a whole group is ever inserted as a group,
+//!   always with all of its plans, by a member holding all of them.
+//! * A plan whose group is not whole can never go in with its group: it goes in alone
+//!   under its own token, like a plan without a group (plans recorded before groups).
+//! * A member holding only part of a whole group (its other partitions moved elsewhere
+//!   after a failed insert, a crash or a lost session) does not insert its part while the
+//!   group's insert may still land somewhere: it waits until the group was recorded
+//!   `CONSUMER_DEDUP_TRUST_SECS` ago, then asks which rows are stored and sends the rest
+//!   alone, exactly like an old replay. Those partitions stall that long; the others go on.
+//!
 //! Clustered ClickHouse: see the README ("Clustered ClickHouse"). In short: replicated
 //! tables deduplicate by default (`replicated_deduplication_window`), views too with the
 //! insert setting used here; the plans table must be replicated, and the plan read-back
 //! must see every plan committed before it (`select_sequential_consistency = 1` with
 //! `insert_quorum`, or one replica for the consumer's traffic).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,8 +86,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::kafka::{self, Consumer, DeadLetter, DeadLetterError, Rebalanced};
 use crate::partition::{Agreement, PartitionState, RecentIds};
-use crate::plan::{message_hash, PlanRange};
-use crate::row;
+use crate::plan::{group_is_whole, message_hash, PlanGroup, PlanRange, RecordedPlan};
+use crate::row::{self, ClickRow};
 use crate::writer::Writer;
 use shared::metric_names as m;
 
@@ -484,13 +502,15 @@ impl Flusher {
     ) -> Result<bool, FlushError> {
         self.drop_partitions_not_ours(partitions);
         self.load_recent_ids(partitions).await?;
-        let waiting = self.agree_on_plans(partitions).await?;
+        let (waiting, recorded) = self.agree_on_plans(partitions).await?;
         self.drop_partitions_not_ours(partitions);
-        let result = self.insert_agreed_plans(partitions).await;
+        let result = self.insert_agreed_plans(partitions, recorded).await;
         self.commit(&result.completed, commit);
         // Never spin: a flush that stored nothing while rows wait counts as waiting.
         let stalled = result.completed.is_empty() && partitions.values().any(|p| !p.is_empty());
-        result.error.map_or(Ok(waiting || stalled), Err)
+        result
+            .error
+            .map_or(Ok(waiting || result.waiting || stalled), Err)
     }
 
     /// Invariant 4: only partitions still assigned to us are written.
@@ -543,25 +563,30 @@ impl Flusher {
         Ok(())
     }
 
-    /// Invariant 3: record our proposals, read back what is recorded at their start
-    /// offsets, follow the first plan there. Returns whether a partition must wait.
-    async fn agree_on_plans(&self, partitions: &mut Partitions) -> Result<bool, FlushError> {
-        let proposals: Vec<PlanRange> = partitions
+    /// Invariant 3: record our proposals (in groups, see "Plan groups"), read back what is
+    /// recorded at their start offsets, follow the first plan there. Returns whether a
+    /// partition must wait, and the plans read.
+    async fn agree_on_plans(
+        &self,
+        partitions: &mut Partitions,
+    ) -> Result<(bool, Recorded), FlushError> {
+        let proposals: Vec<(PlanRange, usize)> = partitions
             .values_mut()
-            .filter_map(PartitionState::propose)
+            .filter_map(|state| state.propose().map(|range| (range, state.rows())))
             .collect();
         if proposals.is_empty() {
-            return Ok(false);
+            return Ok((false, Recorded::new()));
         }
         let topic = &self.config.kafka_topic;
+        let proposals = group_proposals(topic, proposals, self.config.insert_concurrency);
         self.writer
             .record_plans(topic, &proposals, &self.member)
             .await?;
-        let starts: Vec<(i32, i64)> = proposals.iter().map(|p| (p.partition, p.lo)).collect();
+        let starts: Vec<(i32, i64)> = proposals.iter().map(|(p, _)| (p.partition, p.lo)).collect();
         let recorded = self.writer.recorded_plans(topic, &starts).await?;
         let now = shared::now_ms();
         let mut waiting = false;
-        for proposal in &proposals {
+        for (proposal, _) in &proposals {
             let Some(state) = partitions.get_mut(&proposal.partition) else {
                 continue;
             };
@@ -573,24 +598,124 @@ impl Flusher {
                 metrics::counter!(m::PLAN_WAITS_TOTAL).increment(1);
             }
         }
-        Ok(waiting)
+        Ok((waiting, recorded))
     }
 
-    /// Invariant 2: each agreed plan in one INSERT under its token, several partitions at
-    /// once. Plans that went in are completed even when another one failed.
-    async fn insert_agreed_plans(&self, partitions: &mut Partitions) -> InsertOutcome {
-        let topic = self.config.kafka_topic.clone();
+    /// How each agreed plan goes in (see "Plan groups"): alone, with its whole group, or
+    /// not yet. `recorded` holds the plans read in this flush; what the groups need
+    /// besides is read here. Whether a group is whole is remembered with the plan.
+    async fn routes(
+        &self,
+        partitions: &mut Partitions,
+        mut recorded: Recorded,
+    ) -> Result<BTreeMap<i32, Route>, FlushError> {
+        let topic = &self.config.kafka_topic;
+        let unknown: Vec<PlanGroup> = partitions
+            .values()
+            .filter(|s| s.agreed_group_whole().is_none())
+            .filter_map(|s| s.agreed_group().map(|(g, _)| g.clone()))
+            .collect();
+        let missing: Vec<(i32, i64)> = unknown
+            .iter()
+            .flat_map(|g| g.starts.iter().copied())
+            .filter(|(p, lo)| {
+                !recorded
+                    .get(p)
+                    .is_some_and(|plans| plans.iter().any(|r| r.range.lo == *lo))
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !missing.is_empty() {
+            for (p, plans) in self.writer.recorded_plans(topic, &missing).await? {
+                recorded.entry(p).or_default().extend(plans);
+            }
+        }
+        for state in partitions.values_mut() {
+            if state.agreed_group_whole().is_none() {
+                if let Some(whole) = state
+                    .agreed_group()
+                    .and_then(|(g, _)| group_is_whole(g, &recorded))
+                {
+                    state.set_agreed_group_whole(whole);
+                }
+            }
+        }
         let trust_ms = self.config.dedup_trust_secs * 1000;
-        let mut jobs = Vec::new();
+        let now = shared::now_ms();
+        let agreed = &*partitions;
+        let in_group = |p: &i32, group: &PlanGroup| {
+            agreed.get(p).is_some_and(|s| {
+                s.agreed_group().is_some_and(|(g, _)| g.id == group.id)
+                    && s.agreed_group_whole() == Some(true)
+            })
+        };
+        let mut routes = BTreeMap::new();
+        for state in partitions.values() {
+            let Some((_, _, replayed_age_ms)) = state.agreed() else {
+                continue;
+            };
+            let old = replayed_age_ms.is_some_and(|age| age > trust_ms);
+            let route = match (state.agreed_group(), state.agreed_group_whole()) {
+                _ if old => Route::Alone { check_stored: true },
+                (None, _) | (Some(_), Some(false)) => Route::Alone {
+                    check_stored: false,
+                },
+                (Some((group, _)), Some(true))
+                    if group.starts.iter().all(|(p, _)| in_group(p, group)) =>
+                {
+                    Route::Group(group.clone())
+                }
+                // Part of a group that its other plans' holder may still insert whole: only
+                // once that insert has settled, and then only the rows not stored.
+                (Some((_, planned_at_ms)), _) if now.saturating_sub(planned_at_ms) > trust_ms => {
+                    Route::Alone { check_stored: true }
+                }
+                (Some(_), _) => Route::Wait,
+            };
+            routes.insert(state.partition, route);
+        }
+        Ok(routes)
+    }
+
+    /// Invariant 2: each agreed plan in one INSERT under its token (or its group's), several
+    /// inserts at once. Plans that went in are completed even when another insert failed.
+    async fn insert_agreed_plans(
+        &self,
+        partitions: &mut Partitions,
+        recorded: Recorded,
+    ) -> InsertOutcome {
+        let routes = match self.routes(partitions, recorded).await {
+            Ok(routes) => routes,
+            Err(e) => {
+                return InsertOutcome {
+                    completed: Vec::new(),
+                    waiting: false,
+                    error: Some(e),
+                }
+            }
+        };
+        let topic = self.config.kafka_topic.clone();
+        let mut jobs: Vec<InsertJob> = Vec::new();
+        let mut grouped: HashMap<String, usize> = HashMap::new();
         let mut error = None;
+        let mut waiting = false;
         for state in partitions.values() {
             let Some((range, rows, replayed_age_ms)) = state.agreed() else {
                 continue;
             };
-            let mut stored = HashSet::new();
-            if let Some(age) = replayed_age_ms {
+            let route = routes.get(&state.partition).unwrap_or(&Route::Wait);
+            if replayed_age_ms.is_some() {
                 metrics::counter!(m::PLANS_REPLAYED_TOTAL).increment(1);
-                if age > trust_ms {
+            }
+            let mut stored = HashSet::new();
+            match route {
+                Route::Wait => {
+                    waiting = true;
+                    metrics::counter!(m::PLAN_GROUP_WAITS_TOTAL).increment(1);
+                    continue;
+                }
+                Route::Alone { check_stored: true } => {
                     let received = rows.fold((u32::MAX, 0), |(lo, hi), r| {
                         (lo.min(r.received_at), hi.max(r.received_at))
                     });
@@ -602,6 +727,7 @@ impl Flusher {
                         }
                     }
                 }
+                Route::Alone { .. } | Route::Group(_) => {}
             }
             let flags = state.rows_to_send(&stored);
             let skipped_stored = stored.len();
@@ -615,15 +741,31 @@ impl Flusher {
                 metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "same_click_id")
                     .increment(skipped_repeat as u64);
             }
-            jobs.push((state.partition, range.token(&topic), flags));
+            match route {
+                Route::Group(group) => match grouped.get(&group.id) {
+                    Some(&job) => jobs[job].plans.push((state.partition, flags)),
+                    None => {
+                        grouped.insert(group.id.clone(), jobs.len());
+                        jobs.push(InsertJob {
+                            plans: vec![(state.partition, flags)],
+                            token: group.token(&topic),
+                        });
+                    }
+                },
+                _ => jobs.push(InsertJob {
+                    plans: vec![(state.partition, flags)],
+                    token: range.token(&topic),
+                }),
+            }
         }
 
         let writer = &self.writer;
         let agreed = &*partitions;
         type Job<'a> = std::pin::Pin<
             Box<
-                dyn std::future::Future<Output = (i32, clickhouse::error::Result<usize>, Duration)>
-                    + Send
+                dyn std::future::Future<
+                        Output = (usize, clickhouse::error::Result<usize>, Duration),
+                    > + Send
                     + 'a,
             >,
         >;
@@ -631,47 +773,46 @@ impl Flusher {
         // compiler cannot prove that of these closures' futures unaided.
         let inserts: Vec<Job<'_>> = jobs
             .iter()
-            .map(|(partition, token, flags)| -> Job<'_> {
+            .enumerate()
+            .map(|(job, InsertJob { plans, token })| -> Job<'_> {
                 Box::pin(async move {
                     let started = Instant::now();
-                    let result = match agreed.get(partition).and_then(PartitionState::agreed) {
-                        Some((_, rows, _)) => {
-                            let rows = rows
-                                .zip(flags.iter())
-                                .filter(|(_, send)| **send)
-                                .map(|(r, _)| r);
-                            writer.insert_plan(rows, token).await
-                        }
-                        None => Ok(0),
-                    };
-                    (*partition, result, started.elapsed())
+                    let rows = rows_to_insert(agreed, plans);
+                    let result = writer.insert_plan(rows.into_iter(), token).await;
+                    (job, result, started.elapsed())
                 })
             })
             .collect();
-        let results: Vec<(i32, clickhouse::error::Result<usize>, Duration)> =
+        let results: Vec<(usize, clickhouse::error::Result<usize>, Duration)> =
             futures::stream::iter(inserts)
                 .buffer_unordered(self.config.insert_concurrency)
                 .collect()
                 .await;
 
         let mut completed = Vec::new();
-        for (partition, result, took) in results {
+        for (job, result, took) in results {
             match result {
                 Ok(rows) => {
                     metrics::histogram!(m::INSERT_DURATION).record(took.as_secs_f64());
                     metrics::histogram!(m::BATCH_ROWS).record(rows as f64);
                     metrics::counter!(m::INSERTED_ROWS_TOTAL).increment(rows as u64);
-                    if let Some(next) = partitions
-                        .get_mut(&partition)
-                        .and_then(PartitionState::complete)
-                    {
-                        completed.push((partition, next));
+                    for (partition, _) in &jobs[job].plans {
+                        if let Some(next) = partitions
+                            .get_mut(partition)
+                            .and_then(PartitionState::complete)
+                        {
+                            completed.push((*partition, next));
+                        }
                     }
                 }
                 Err(e) => error = Some(e.into()),
             }
         }
-        InsertOutcome { completed, error }
+        InsertOutcome {
+            completed,
+            waiting,
+            error,
+        }
     }
 
     /// Commits `hi + 1` of every stored plan. A failed commit is harmless: the next reader
@@ -696,5 +837,129 @@ impl Flusher {
 
 struct InsertOutcome {
     completed: Vec<(i32, i64)>,
+    /// A plan waits for its group (see "Plan groups").
+    waiting: bool,
     error: Option<FlushError>,
+}
+
+/// One INSERT: plans (partition, which of its rows to send) under one token.
+struct InsertJob {
+    plans: Vec<(i32, Vec<bool>)>,
+    token: String,
+}
+
+/// The rows of one insert: of each plan, those flagged to be sent.
+fn rows_to_insert<'a>(agreed: &'a Partitions, plans: &'a [(i32, Vec<bool>)]) -> Vec<&'a ClickRow> {
+    let mut out = Vec::new();
+    for (partition, flags) in plans {
+        if let Some((_, rows, _)) = agreed.get(partition).and_then(PartitionState::agreed) {
+            out.extend(rows.zip(flags).filter(|(_, send)| **send).map(|(r, _)| r));
+        }
+    }
+    out
+}
+
+/// The plans recorded at some start offsets, by partition, in commit order.
+type Recorded = HashMap<i32, Vec<RecordedPlan>>;
+
+/// How an agreed plan goes in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    /// In an insert of its own, under its own token; first asking which of its rows are
+    /// stored where the server's window may no longer cover an earlier insert of it.
+    Alone { check_stored: bool },
+    /// With every other plan of its group, in one insert under the group's token.
+    Group(PlanGroup),
+    /// Not in this flush: the holder of the group's other plans may insert it whole.
+    Wait,
+}
+
+/// Below this many rows a group, a flush's plans share inserts: the fixed cost of an
+/// insert (a part in the table and in every view's target) was about that of 20,000 rows
+/// here (README, "Plan groups").
+const GROUP_MIN_ROWS: usize = 20_000;
+
+/// Splits a flush's proposals (with their rows) into groups, as many as keep each at
+/// `GROUP_MIN_ROWS` or more, at most `max_groups`, of about equal rows. A group of one
+/// plan is no group: that plan goes in alone.
+fn group_proposals(
+    topic: &str,
+    mut proposals: Vec<(PlanRange, usize)>,
+    max_groups: usize,
+) -> Vec<(PlanRange, Option<PlanGroup>)> {
+    let total: usize = proposals.iter().map(|(_, rows)| rows).sum();
+    let n = (total / GROUP_MIN_ROWS).clamp(1, max_groups.max(1));
+    let mut bins: Vec<(usize, Vec<PlanRange>)> = vec![(0, Vec::new()); n];
+    proposals.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.partition.cmp(&b.0.partition)));
+    for (range, rows) in proposals {
+        if let Some(bin) = bins.iter_mut().min_by_key(|(sum, _)| *sum) {
+            bin.0 += rows;
+            bin.1.push(range);
+        }
+    }
+    let mut out = Vec::new();
+    for (_, plans) in bins {
+        let group = PlanGroup::of(topic, &plans);
+        out.extend(plans.into_iter().map(|p| (p, group.clone())));
+    }
+    out.sort_by_key(|(p, _)| p.partition);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::message_hash;
+
+    fn proposal(partition: i32, rows: usize) -> (PlanRange, usize) {
+        let hashes: Vec<(i64, crate::plan::MessageHash)> = (0..3)
+            .map(|o| (o, message_hash(None, format!("{partition}/{o}").as_bytes())))
+            .collect();
+        let range = PlanRange::over(partition, hashes.iter().map(|(o, h)| (*o, h)));
+        (range.expect("range"), rows)
+    }
+
+    fn groups(plans: &[(PlanRange, Option<PlanGroup>)]) -> Vec<Vec<i32>> {
+        let mut by_id: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+        for (p, g) in plans {
+            let key = g
+                .as_ref()
+                .map_or(format!("alone {}", p.partition), |g| g.id.clone());
+            by_id.entry(key).or_default().push(p.partition);
+        }
+        let mut out: Vec<Vec<i32>> = by_id.into_values().collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn small_flushes_share_one_insert_large_ones_spread_over_the_concurrency() {
+        // 8 partitions at 200 clicks/s: one group.
+        let small: Vec<_> = (0..8).map(|p| proposal(p, 25)).collect();
+        let grouped = group_proposals("t", small, 4);
+        assert_eq!(groups(&grouped), vec![(0..8).collect::<Vec<_>>()]);
+        let g = grouped[0].1.clone().expect("a group");
+        assert_eq!(g.starts.len(), 8);
+        assert!(grouped.iter().all(|(_, x)| x.as_ref() == Some(&g)));
+
+        // A backlog: 8 x 12,500 rows = 100,000, five groups' worth, at most 4 inserts, each
+        // of about the same rows.
+        let large: Vec<_> = (0..8).map(|p| proposal(p, 12_500)).collect();
+        let grouped = group_proposals("t", large, 4);
+        let sets = groups(&grouped);
+        assert_eq!(sets.len(), 4, "{sets:?}");
+        assert!(sets.iter().all(|s| s.len() == 2), "{sets:?}");
+
+        // One partition, or groups of one: no group, the plan's own token.
+        let one = group_proposals("t", vec![proposal(3, 10)], 4);
+        assert_eq!(one.len(), 1);
+        assert!(one[0].1.is_none());
+        let spread = group_proposals("t", vec![proposal(0, 30_000), proposal(1, 30_000)], 4);
+        assert!(spread.iter().all(|(_, g)| g.is_none()));
+        // Output in partition order, every proposal once.
+        assert_eq!(
+            spread.iter().map(|(p, _)| p.partition).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+    }
 }

@@ -9,7 +9,7 @@ use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::plan::{PlanRange, RecordedPlan};
+use crate::plan::{PlanGroup, PlanRange, RecordedPlan};
 use crate::row::ClickRow;
 
 #[derive(Clone)]
@@ -31,6 +31,8 @@ struct PlanRow<'a> {
     digest: &'a str,
     head: &'a str,
     member: &'a str,
+    group_id: &'a str,
+    group_starts: Vec<(u16, u64)>,
 }
 
 #[derive(Debug, Row, Deserialize)]
@@ -42,6 +44,8 @@ struct RecordedRow {
     head: String,
     member: String,
     planned_at_ms: u64,
+    group_id: String,
+    group_starts: Vec<(u16, u64)>,
 }
 
 fn to_u64(v: i64) -> u64 {
@@ -58,12 +62,13 @@ impl Writer {
         }
     }
 
-    /// Records our proposals (one insert for all partitions). Plans are never
-    /// deduplicated: two identical proposals are harmless, a lost one is not.
+    /// Records our proposals (one insert for all partitions), each with the group it is
+    /// inserted in. Plans are never deduplicated: two identical proposals are harmless, a
+    /// lost one is not.
     pub async fn record_plans(
         &self,
         topic: &str,
-        plans: &[PlanRange],
+        plans: &[(PlanRange, Option<PlanGroup>)],
         member: &str,
     ) -> clickhouse::error::Result<()> {
         let mut insert = self
@@ -73,7 +78,7 @@ impl Writer {
             .with_setting("async_insert", "0")
             .with_setting("insert_deduplicate", "0")
             .with_timeouts(Some(self.timeout), Some(self.timeout));
-        for p in plans {
+        for (p, group) in plans {
             insert
                 .write(&PlanRow {
                     topic,
@@ -83,6 +88,13 @@ impl Writer {
                     digest: &p.digest,
                     head: &p.head,
                     member,
+                    group_id: group.as_ref().map_or("", |g| g.id.as_str()),
+                    group_starts: group.as_ref().map_or_else(Vec::new, |g| {
+                        g.starts
+                            .iter()
+                            .map(|(p, lo)| (u16::try_from(*p).unwrap_or(u16::MAX), to_u64(*lo)))
+                            .collect()
+                    }),
                 })
                 .await?;
         }
@@ -107,7 +119,7 @@ impl Writer {
             .collect();
         let sql = format!(
             "SELECT partition, lo, hi, digest, head, member, \
-             toUInt64(toUnixTimestamp64Milli(planned_at)) AS planned_at_ms \
+             toUInt64(toUnixTimestamp64Milli(planned_at)) AS planned_at_ms, group_id, group_starts \
              FROM {} WHERE topic = ? AND (partition, lo) IN ({}) \
              ORDER BY partition, lo, _block_number",
             self.plans_table,
@@ -137,14 +149,26 @@ impl Writer {
                     },
                     member: r.member,
                     planned_at_ms: r.planned_at_ms,
+                    group: (!r.group_id.is_empty() && r.group_starts.len() >= 2).then(|| {
+                        PlanGroup {
+                            id: r.group_id,
+                            starts: r
+                                .group_starts
+                                .iter()
+                                .map(|(p, lo)| {
+                                    (i32::from(*p), i64::try_from(*lo).unwrap_or(i64::MAX))
+                                })
+                                .collect(),
+                        }
+                    }),
                 });
         }
         Ok(out)
     }
 
-    /// One INSERT of one plan's rows under the plan's deduplication token: inserting the
-    /// same plan again (a retry, a replay by another member, an insert that outlived its
-    /// sender) is a no-op in the table and in every view's target table.
+    /// One INSERT of one plan's rows (or a plan group's) under its deduplication token:
+    /// inserting the same plan again (a retry, a replay by another member, an insert that
+    /// outlived its sender) is a no-op in the table and in every view's target table.
     pub async fn insert_plan<'a>(
         &self,
         rows: impl Iterator<Item = &'a ClickRow>,

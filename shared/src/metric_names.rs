@@ -61,6 +61,9 @@ pub const CLICKHOUSE_UP: &str = "consumer_clickhouse_up";
 pub const PLANS_REPLAYED_TOTAL: &str = "consumer_plans_replayed_total";
 /// Flushes in which a partition waited because an earlier plan reaches past its messages.
 pub const PLAN_WAITS_TOTAL: &str = "consumer_plan_waits_total";
+/// Flushes in which a partition's plan waited because its group may still be inserted
+/// whole by the member holding the group's other plans.
+pub const PLAN_GROUP_WAITS_TOTAL: &str = "consumer_plan_group_waits_total";
 /// Registry and refusal messages mirrored into ClickHouse or skipped, by kind and result.
 pub const REGISTRY_MIRRORED_TOTAL: &str = "consumer_registry_messages_total"; // labels: kind, result
 
@@ -228,6 +231,10 @@ pub fn register_consumer() {
         "Flushes in which a partition waited for the messages of an earlier plan"
     );
     describe_counter!(
+        PLAN_GROUP_WAITS_TOTAL,
+        "Flushes in which a partition's plan waited: its group may still be inserted whole by another member"
+    );
+    describe_counter!(
         REGISTRY_MIRRORED_TOTAL,
         "Registry and refusal messages written to ClickHouse or skipped as malformed"
     );
@@ -242,6 +249,7 @@ pub fn register_consumer() {
     counter!(INSERT_ERRORS_TOTAL).increment(0);
     counter!(PLANS_REPLAYED_TOTAL).increment(0);
     counter!(PLAN_WAITS_TOTAL).increment(0);
+    counter!(PLAN_GROUP_WAITS_TOTAL).increment(0);
     for cause in ["already_stored", "same_click_id"] {
         counter!(DUPLICATES_SKIPPED_TOTAL, "cause" => cause).increment(0);
     }
