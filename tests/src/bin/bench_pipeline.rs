@@ -290,7 +290,8 @@ fn rounds() -> usize {
 
 async fn bench_ingest(dir: &Path, script: &Path) {
     println!("\n## ingest (tansu on memory storage; wrk -t2 -c256, 70% JSON / 10% text/plain / 10% gzip / 10% invalid, 10,000 codes of 2,000 accounts on mixed plans; plan limits through the real Redis)\n");
-    let (_broker, brokers) = private_broker(true).await;
+    let (broker, brokers) = private_broker(true).await;
+    let broker_pid = broker.proc.as_ref().map(|p| p.child.id());
     create_topic(&brokers, "referral_clicks", 8).await;
     let registry = RegistryTopics::for_topic("referral_clicks");
     bench_registry(&brokers, &registry).await;
@@ -332,6 +333,39 @@ async fn bench_ingest(dir: &Path, script: &Path) {
             wrk(url, script, 10);
             let _ = perf.wait();
         }
+        // Where the time goes besides our code: system calls and context switches per
+        // request of each server under the same load.
+        println!("| server | requests/s | syscalls / request | context switches / request | CPU ms / 1,000 requests |\n|---|---|---|---|---|");
+        for (name, url, pid) in [
+            ("ingest, limits on", &on_url, pid),
+            ("ingest, limits off", &off_url, off.proc.child.id()),
+            ("bare hyper", &bare_url, bare.child.id()),
+        ] {
+            let stat = Command::new("perf")
+                .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches,task-clock"])
+                .args(["-p", &pid.to_string(), "--", "sleep", "10"])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("perf (apt-get install linux-perf)");
+            let (rps, n, _) = wrk(url, script, 10);
+            let text = stat.wait_with_output().map(|o| o.stderr).unwrap_or_default();
+            let text = String::from_utf8_lossy(&text);
+            let count = |event: &str| {
+                text.lines()
+                    .find(|l| l.contains(event))
+                    .and_then(|l| l.split(',').next())
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            let n = n.max(1.0);
+            println!(
+                "| {name} | {rps:.0} | {:.1} | {:.2} | {:.1} |",
+                count("raw_syscalls:sys_enter") / n,
+                count("context-switches") / n,
+                count("task-clock") / n * 1000.0
+            );
+        }
+        println!();
     }
     // Alternating runs (limits on, limits off, bare hyper) x rounds: this machine is noisy, and
     // the on/off pair, the ratio nearest its target, runs back to back.
@@ -340,6 +374,7 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     let (mut cpu, mut accepted, mut total) = (0.0, 0.0, 0.0);
     let (mut off_cpu, mut off_accepted) = (0.0, 0.0);
     let (mut bare_cpu, mut bare_answered) = (0.0, 0.0);
+    let mut broker_cpu = 0.0;
     // Redis' own CPU and the lease calls behind the limits-on runs: the cost of the
     // limits that ingest's CPU figure does not show (Redis shares the machine's cores).
     let redis_pid: Option<u32> = std::env::var("BENCH_REDIS_PID")
@@ -356,9 +391,11 @@ async fn bench_ingest(dir: &Path, script: &Path) {
         let leases0 = metric_value(&on_metrics, m::LIMITS_LEASES_TOTAL).await;
         let origins0 = calls_by_origin(&on_metrics).await;
         let pipelines0 = metric_value(&on_metrics, m::LIMITS_LEASE_PIPELINES_TOTAL).await;
+        let broker0 = broker_pid.map_or(0.0, cpu_secs);
         let t0 = Instant::now();
         let (rps, n, non2xx) = wrk(&on_url, script, 10);
         on_secs += t0.elapsed().as_secs_f64();
+        broker_cpu += broker_pid.map_or(0.0, cpu_secs) - broker0;
         cpu += cpu_secs(pid) - cpu0;
         redis_cpu += redis_pid.map_or(0.0, cpu_secs) - redis0;
         leases += metric_value(&on_metrics, m::LIMITS_LEASES_TOTAL).await - leases0;
@@ -417,6 +454,10 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     println!(
         "| bare hyper CPU-seconds per million answered requests, same load | {:.1} s | |",
         bare_cpu / bare_answered.max(1.0) * 1e6
+    );
+    println!(
+        "| broker (tansu) CPU-seconds per million accepted clicks, limits on | {:.1} s | |",
+        broker_cpu / accepted.max(1.0) * 1e6
     );
     if redis_pid.is_some() {
         println!(
