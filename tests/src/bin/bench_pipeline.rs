@@ -342,13 +342,22 @@ async fn bench_ingest(dir: &Path, script: &Path) {
             ("bare hyper", &bare_url, bare.child.id()),
         ] {
             let stat = Command::new("perf")
-                .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches,task-clock"])
+                .args([
+                    "stat",
+                    "-x",
+                    ",",
+                    "-e",
+                    "raw_syscalls:sys_enter,context-switches,task-clock",
+                ])
                 .args(["-p", &pid.to_string(), "--", "sleep", "10"])
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .expect("perf (apt-get install linux-perf)");
             let (rps, n, _) = wrk(url, script, 10);
-            let text = stat.wait_with_output().map(|o| o.stderr).unwrap_or_default();
+            let text = stat
+                .wait_with_output()
+                .map(|o| o.stderr)
+                .unwrap_or_default();
             let text = String::from_utf8_lossy(&text);
             let count = |event: &str| {
                 text.lines()
