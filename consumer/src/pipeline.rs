@@ -705,16 +705,16 @@ impl Flusher {
                 continue;
             };
             let route = routes.get(&state.partition).unwrap_or(&Route::Wait);
+            if *route == Route::Wait {
+                waiting = true;
+                metrics::counter!(m::PLAN_GROUP_WAITS_TOTAL).increment(1);
+                continue;
+            }
             if replayed_age_ms.is_some() {
                 metrics::counter!(m::PLANS_REPLAYED_TOTAL).increment(1);
             }
             let mut stored = HashSet::new();
             match route {
-                Route::Wait => {
-                    waiting = true;
-                    metrics::counter!(m::PLAN_GROUP_WAITS_TOTAL).increment(1);
-                    continue;
-                }
                 Route::Alone { check_stored: true } => {
                     let received = rows.fold((u32::MAX, 0), |(lo, hi), r| {
                         (lo.min(r.received_at), hi.max(r.received_at))
@@ -727,7 +727,7 @@ impl Flusher {
                         }
                     }
                 }
-                Route::Alone { .. } | Route::Group(_) => {}
+                Route::Alone { .. } | Route::Group(_) | Route::Wait => {}
             }
             let flags = state.rows_to_send(&stored);
             let skipped_stored = stored.len();
