@@ -15,7 +15,8 @@ use crate::row::ClickRow;
 pub struct Entry {
     pub offset: i64,
     pub hash: MessageHash,
-    pub row: Option<ClickRow>,
+    /// Boxed: the queue then moves 40-byte entries when it grows, not whole rows.
+    pub row: Option<Box<ClickRow>>,
 }
 
 /// Where the partition's next insert stands.
@@ -73,14 +74,26 @@ impl PartitionState {
     }
 
     pub fn push(&mut self, offset: i64, hash: MessageHash, row: Option<ClickRow>) {
+        self.push_entry(Entry {
+            offset,
+            hash,
+            row: row.map(Box::new),
+        });
+    }
+
+    fn push_entry(&mut self, entry: Entry) {
         // Kafka delivers a partition in offset order; after a seek or a re-delivery an
         // offset may come again, and the first copy stands.
-        if self.entries.back().is_some_and(|e| e.offset >= offset) {
+        if self
+            .entries
+            .back()
+            .is_some_and(|e| e.offset >= entry.offset)
+        {
             return;
         }
         self.oldest.get_or_insert_with(Instant::now);
-        self.rows += usize::from(row.is_some());
-        self.entries.push_back(Entry { offset, hash, row });
+        self.rows += usize::from(entry.row.is_some());
+        self.entries.push_back(entry);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -93,8 +106,9 @@ impl PartitionState {
         if self.oldest.is_none() {
             self.oldest = newer.oldest;
         }
+        self.entries.reserve(newer.entries.len());
         for e in newer.entries {
-            self.push(e.offset, e.hash, e.row);
+            self.push_entry(e);
         }
     }
 
@@ -209,7 +223,7 @@ impl PartitionState {
                 self.entries
                     .iter()
                     .take(*len)
-                    .filter_map(|e| e.row.as_ref()),
+                    .filter_map(|e| e.row.as_deref()),
                 *replayed_age_ms,
             )),
             _ => None,
@@ -251,7 +265,8 @@ impl PartitionState {
             .map(|(_, rows, _)| {
                 rows.map(|r| {
                     !self.recent.contains(&r.click_id)
-                        && !stored.contains(&(r.kafka_offset, r.click_id.clone()))
+                        && (stored.is_empty()
+                            || !stored.contains(&(r.kafka_offset, r.click_id.clone())))
                         && seen.insert(r.click_id.as_str())
                 })
                 .collect()

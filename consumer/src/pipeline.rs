@@ -76,7 +76,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
@@ -95,6 +95,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// After a flush in which a partition had to wait for more messages (an earlier plan
 /// reaches past them), the next flush comes no sooner than this.
 const WAIT_FOR_MESSAGES: Duration = Duration::from_millis(100);
+/// Messages taken per pass of the loop when librdkafka already holds them.
+const DRAIN_MAX: u64 = 1024;
 
 type Partitions = BTreeMap<i32, PartitionState>;
 
@@ -124,6 +126,7 @@ pub struct Pipeline {
     paused: bool,
     /// Since when this member has had no partitions (see `Config::rejoin_idle_secs`).
     idle_since: Option<Instant>,
+    consumed: metrics::Counter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,12 +171,16 @@ impl Pipeline {
             backoff: MIN_BACKOFF,
             paused: false,
             idle_since: Some(Instant::now()),
+            consumed: metrics::counter!(m::CONSUMED_TOTAL),
         }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         self.consumer.subscribe(&[&self.config.kafka_topic])?;
         let consumer = Arc::clone(&self.consumer);
+        // One stream for the loop's life: `recv()` would register and drop a waker slot
+        // per message.
+        let mut messages = consumer.stream();
         let mut gauges = tokio::time::interval(Duration::from_secs(1));
         loop {
             // Callbacks run inside `recv()`, also when it returns nothing to us (a quiet
@@ -191,19 +198,30 @@ impl Pipeline {
                     self.in_flight = None;
                     self.finish_flush(done);
                 }
-                msg = consumer.recv() => {
-                    self.apply_rebalances().await;
-                    match msg {
-                        Ok(msg) => {
-                            if let Err(fatal) = self.handle(&msg).await {
-                                tracing::error!(error = %fatal, "stopping: a dead letter could not be published; nothing from this offset on is committed");
-                                self.consumer.unsubscribe();
-                                return Err(fatal.into());
+                Some(msg) = messages.next() => {
+                    // Then what librdkafka already holds, without a pass through this
+                    // `select!` (its timers and clock reads) per message.
+                    let mut next = Some(msg);
+                    let mut taken = 0;
+                    while let Some(msg) = next.take() {
+                        self.apply_rebalances().await;
+                        taken += 1;
+                        match msg {
+                            Ok(msg) => {
+                                if let Err(fatal) = self.handle(&msg).await {
+                                    tracing::error!(error = %fatal, "stopping: a dead letter could not be published; nothing from this offset on is committed");
+                                    self.consumer.unsubscribe();
+                                    return Err(fatal.into());
+                                }
                             }
+                            Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
                         }
-                        Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+                        self.apply_backpressure();
+                        if taken < DRAIN_MAX && self.take_more() {
+                            next = messages.next().now_or_never().flatten();
+                        }
                     }
-                    self.apply_backpressure();
+                    self.consumed.increment(taken);
                 }
                 () = tokio::time::sleep_until(wake.into()) => {}
                 _ = gauges.tick() => {
@@ -280,6 +298,14 @@ impl Pipeline {
                 .is_some_and(|t| t.elapsed() >= self.config.batch_max_age())
     }
 
+    /// Whether the loop may take another message before its next pass: not paused, and
+    /// no flush due by size (an age-due flush waits at most `DRAIN_MAX` messages; no clock
+    /// is read here).
+    fn take_more(&self) -> bool {
+        !self.paused
+            && (self.in_flight.is_some() || self.buffered_rows() < self.config.batch_max_rows)
+    }
+
     fn next_wake(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
         let age = self
@@ -298,7 +324,6 @@ impl Pipeline {
     }
 
     async fn handle(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), Fatal> {
-        metrics::counter!(m::CONSUMED_TOTAL).increment(1);
         let (partition, offset) = (msg.partition(), msg.offset());
         let payload = msg.payload().unwrap_or_default();
         let hash = message_hash(msg.key(), payload);
