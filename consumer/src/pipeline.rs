@@ -306,8 +306,14 @@ impl Pipeline {
             && (self.in_flight.is_some() || self.buffered_rows() < self.config.batch_max_rows)
     }
 
+    /// When the loop must look at the buffers again without a message arriving. Never
+    /// while a flush is in flight: none can start before it returns (and wakes the loop),
+    /// and an age already past would make the `select!` spin until then.
     fn next_wake(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
+        if self.in_flight.is_some() {
+            return far;
+        }
         let age = self
             .oldest()
             .map_or(far, |t| t + self.config.batch_max_age());
