@@ -1218,3 +1218,53 @@ async fn part_of_a_plan_group_waits_for_the_group_then_writes_only_what_is_missi
     .await;
     scope.drop_database().await;
 }
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split(' ')
+        .collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
+/// While a slow insert is in flight, messages that arrive meanwhile grow older than the
+/// batch age; the loop must wait for the flush, not spin on an age already past (it did:
+/// a whole core, taken from ClickHouse, until the insert returned).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_insert_in_flight_does_not_make_the_consumer_spin() {
+    let scope = Scope::new("eo_no_spin", 2).await;
+    migrate(&scope).await;
+    add_probe_view(&scope).await;
+    let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
+    feeder.send(50).await;
+    let consumer = ConsumerProc::start(&scope.consumer_options());
+    consumer.ready().await;
+    scope.wait_rows(50, Duration::from_secs(60)).await;
+    // Every insert now takes 6 s in the probe view.
+    set_probe(&scope, 0, 6000).await;
+    feeder.send(50).await;
+    // The flush of those 50 is in flight (batch age 500 ms); 50 more arrive meanwhile
+    // and are older than the batch age within the window measured below.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    feeder.send(50).await;
+    let pid = consumer.proc.child.id();
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        scope.ch.count(&scope.table).await < 150,
+        "the slow insert was still in flight while measuring"
+    );
+    assert!(
+        used < 0.5,
+        "the consumer used {used:.2} CPU-s in 3 s while waiting for its insert"
+    );
+    set_probe(&scope, 0, 0).await;
+    assert_exactly(&scope, &feeder.sent).await;
+    scope.drop_database().await;
+}
