@@ -262,6 +262,14 @@ pub struct Config {
     )]
     pub insert_concurrency: usize,
 
+    /// `on`: the plans of a flush are recorded in groups, each inserted as one (README,
+    /// "How a click stays exactly once"). `off` while consumers older than plan groups
+    /// (migration 0008) still run in the same group: such a member replays a plan of a
+    /// group alone, under the plan's own token, which the server does not take for the
+    /// group's insert. Turn it on once every member runs this version.
+    #[arg(long, env = "CONSUMER_PLAN_GROUPS", default_value = "on", value_parser = on_off, action = clap::ArgAction::Set, global = true)]
+    pub plan_groups: bool,
+
     /// Timeout of one insert attempt (and of each plan and id query).
     #[arg(
         long,
@@ -432,6 +440,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plan_groups_are_on_unless_turned_off() {
+        let cli = Cli::try_parse_from(["consumer"]).expect("parses");
+        assert!(cli.config.plan_groups);
+        let cli = Cli::try_parse_from(["consumer", "--plan-groups", "off"]).expect("parses");
+        assert!(!cli.config.plan_groups);
+        let cli = Cli::try_parse_from(["consumer", "--plan-groups", "on"]).expect("parses");
+        assert!(cli.config.plan_groups);
+        assert!(Cli::try_parse_from(["consumer", "--plan-groups", "yes"]).is_err());
+    }
 
     #[test]
     fn defaults_are_valid_and_subcommand_optional() {

@@ -609,7 +609,14 @@ impl Flusher {
             return Ok((false, Recorded::new()));
         }
         let topic = &self.config.kafka_topic;
-        let proposals = group_proposals(topic, proposals, self.config.insert_concurrency);
+        let proposals = if self.config.plan_groups {
+            group_proposals(topic, proposals, self.config.insert_concurrency)
+        } else {
+            proposals
+                .into_iter()
+                .map(|(range, _)| (range, None))
+                .collect()
+        };
         self.writer
             .record_plans(topic, &proposals, &self.member)
             .await?;

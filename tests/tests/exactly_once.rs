@@ -1268,3 +1268,43 @@ async fn a_slow_insert_in_flight_does_not_make_the_consumer_spin() {
     assert_exactly(&scope, &feeder.sent).await;
     scope.drop_database().await;
 }
+
+/// `CONSUMER_PLAN_GROUPS=off` (a rolling upgrade from consumers older than plan groups):
+/// every plan is recorded and inserted alone, so an old member replaying it uses the same
+/// token; with the default, a flush over several partitions is recorded as a group.
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_groups_off_records_every_plan_alone() {
+    for (groups, name) in [("off", "eo_groups_off"), ("on", "eo_groups_on")] {
+        let scope = Scope::new(name, 4).await;
+        let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
+        feeder.send(400).await;
+        let mut opts = scope.consumer_options();
+        opts.extra_env
+            .push(("CONSUMER_PLAN_GROUPS".into(), groups.into()));
+        let _consumer = ConsumerProc::start(&opts);
+        assert_exactly(&scope, &feeder.sent).await;
+        let db = &scope.database;
+        let (plans, grouped) = (
+            scope
+                .ch
+                .scalar(&format!("SELECT count() FROM {db}.referral_clicks_plans"))
+                .await,
+            scope
+                .ch
+                .scalar(&format!(
+                    "SELECT countIf(group_id != '') FROM {db}.referral_clicks_plans"
+                ))
+                .await,
+        );
+        assert!(plans >= 4, "{groups}: {plans} plans for 4 partitions");
+        if groups == "off" {
+            assert_eq!(grouped, 0, "plans recorded in a group with groups off");
+        } else {
+            assert!(
+                grouped >= 2,
+                "{grouped} of {plans} plans in a group with groups on"
+            );
+        }
+        scope.drop_database().await;
+    }
+}
