@@ -3,7 +3,8 @@
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 
-use shared::event::{decode_digest, ClickEvent, DecodeError};
+use shared::event::{ClickEvent, DecodeError};
+use shared::hashing::Digest;
 
 /// Why a message cannot become a row (it goes to the dead-letter topic with this reason).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,16 +53,17 @@ pub struct ClickRow {
 }
 
 impl ClickRow {
-    /// `event` must come from [`ClickEvent::decode`], which checked the hashes.
+    /// `event` and its digests must come from [`ClickEvent::decode_with_digests`].
     pub fn new(
         event: ClickEvent,
+        (ip_hash, ua_hash): (Digest, Digest),
         topic: &str,
         partition: i32,
         offset: i64,
     ) -> Result<Self, Rejection> {
         Ok(Self {
-            ip_hash: decode_digest(&event.ip_hash).map_err(|_| Rejection::OutOfRange("ip_hash"))?,
-            ua_hash: decode_digest(&event.ua_hash).map_err(|_| Rejection::OutOfRange("ua_hash"))?,
+            ip_hash,
+            ua_hash,
             click_id: event.click_id,
             code: event.code,
             landing_path: event.landing_path,
@@ -92,6 +94,6 @@ pub fn from_message(
     if payload.is_empty() {
         return Err(Rejection::Empty);
     }
-    let event = ClickEvent::decode(payload)?;
-    ClickRow::new(event, topic, partition, offset)
+    let (event, ip_hash, ua_hash) = ClickEvent::decode_with_digests(payload)?;
+    ClickRow::new(event, (ip_hash, ua_hash), topic, partition, offset)
 }

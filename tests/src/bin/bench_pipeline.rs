@@ -19,7 +19,6 @@ use e2e::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
-use shared::event::ClickEvent;
 use shared::metric_names as m;
 
 fn gzip(data: &[u8]) -> Vec<u8> {
@@ -709,11 +708,7 @@ async fn bench_consumer(rows: u64) {
         });
         let rows_vec: Vec<consumer::row::ClickRow> = events
             .iter()
-            .filter_map(|(p, o, payload)| {
-                ClickEvent::decode(payload)
-                    .ok()
-                    .and_then(|e| consumer::row::ClickRow::new(e, &topic, *p, *o).ok())
-            })
+            .filter_map(|(p, o, payload)| consumer::row::from_message(payload, &topic, *p, *o).ok())
             .collect();
         let started = Instant::now();
         for (i, chunk) in rows_vec.chunks(50_000).enumerate() {
