@@ -11,15 +11,34 @@
 //! load does not turn clicks into 503s while produce works, and a broker that stops
 //! acknowledging is noticed at its first failed delivery (then clicks get 503 at once
 //! instead of each waiting out the produce timeout).
+//!
+//! # Delivery reports are served on the runtime
+//! librdkafka reports deliveries a batch at a time (one produce response) on the
+//! producer's main queue. rdkafka's `FutureProducer` serves that queue on a polling thread
+//! of its own and completes each click's future there: a thread hop on every click's path
+//! to its answer (the broker thread wakes the polling thread, which wakes the request's
+//! runtime worker), and a wake-up of a runtime task from a foreign thread per click. Here
+//! the queue wakes the runtime itself ([`events`]): a task serves it to empty and completes
+//! the waiting requests from a runtime worker, where waking a task is a push on that
+//! worker's own queue. A report whose request is gone (client disconnected) is dropped
+//! harmlessly.
+
+mod events;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard, Weak};
 use std::time::{Duration, Instant};
 
+use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig,
+};
 use rdkafka::ClientConfig;
+use tokio::sync::oneshot;
+
+use events::ServedProducer;
 
 use crate::config::Config;
 use shared::metric_names as m;
@@ -61,11 +80,88 @@ pub trait ClickSink: Send + Sync + 'static {
     fn flush(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
 }
 
+/// What a delivery report resolves a waiting request with.
+type Outcome = Result<(), PublishError>;
+/// A waiting request, carried through librdkafka as the message's opaque pointer.
+type Waiter = Box<oneshot::Sender<Outcome>>;
+type KafkaProducer = ServedProducer<DeliveryContext>;
+
+/// Runs where the main queue is served: completes each waiting request.
+pub struct DeliveryContext;
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = Waiter;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, waiter: Waiter) {
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _)) => {
+                Err(PublishError::Timeout)
+            }
+            Err((e, _)) => Err(PublishError::Broker(e.to_string())),
+        };
+        // The request may be gone (client disconnected): nothing to tell.
+        let _ = waiter.send(outcome);
+    }
+}
+
+/// Longest wait between two servings of the main queue when librdkafka's wake-up byte
+/// does not come (it always should; this only bounds the cost of a missed one).
+const SERVE_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
+/// Events served in one go before the task yields to the runtime.
+const SERVE_BATCH: usize = 4096;
+
+/// Serves a producer's main queue whenever librdkafka says it is not empty, until the
+/// producer is gone.
+async fn serve_reports(producer: Weak<KafkaProducer>, wakeups: std::os::unix::net::UnixStream) {
+    let wakeups = match tokio::net::UnixStream::from_std(wakeups) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the producer's queue; serving it every 100 ms");
+            return serve_every(producer).await;
+        }
+    };
+    let mut bytes = [0u8; 64];
+    loop {
+        let _ = tokio::time::timeout(SERVE_AT_LEAST_EVERY, wakeups.readable()).await;
+        while matches!(wakeups.try_read(&mut bytes), Ok(n) if n > 0) {}
+        let Some(p) = producer.upgrade() else { return };
+        // librdkafka writes again only after the queue was empty: serve it to the end.
+        while serve_some(&p) {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+async fn serve_every(producer: Weak<KafkaProducer>) {
+    loop {
+        tokio::time::sleep(SERVE_AT_LEAST_EVERY).await;
+        let Some(p) = producer.upgrade() else { return };
+        while serve_some(&p) {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Serves up to [`SERVE_BATCH`] events; whether more are waiting.
+fn serve_some(p: &KafkaProducer) -> bool {
+    for _ in 0..SERVE_BATCH {
+        if p.pending_events() == 0 {
+            return false;
+        }
+        p.poll(Duration::ZERO);
+    }
+    p.pending_events() > 0
+}
+
 pub struct KafkaSink {
     /// Replaced (see `spawn_health_checks`) when librdkafka reports a fatal error: an
     /// idempotent producer in that state can never produce again and must be recreated.
-    producer: RwLock<FutureProducer>,
+    producer: RwLock<Arc<KafkaProducer>>,
     client_config: ClientConfig,
+    produce_duration: metrics::Histogram,
     topic: String,
     ack_timeout: Duration,
     /// The last metadata probe succeeded.
@@ -79,6 +175,7 @@ pub struct KafkaSink {
 const ACK_FRESH_MS: u64 = 10_000;
 
 impl KafkaSink {
+    /// Must be called within a tokio runtime: it starts the task serving delivery reports.
     pub fn new(config: &Config) -> Result<Self, KafkaError> {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &config.kafka_brokers)
@@ -103,16 +200,27 @@ impl KafkaSink {
         for (k, v) in config.kafka_properties.iter() {
             cc.set(k, v);
         }
-        let producer: FutureProducer = cc.create()?;
+        let producer = Self::create(&cc)?;
         Ok(Self {
             producer: RwLock::new(producer),
             client_config: cc,
+            produce_duration: metrics::histogram!(m::PRODUCE_DURATION),
             topic: config.kafka_topic.clone(),
             ack_timeout: config.produce_timeout() + Duration::from_secs(1),
             probe_ok: Arc::new(AtomicBool::new(false)),
             last_ack_ms: AtomicU64::new(0),
             last_failure_ms: AtomicU64::new(0),
         })
+    }
+
+    /// A producer and the task serving its delivery reports.
+    fn create(cc: &ClientConfig) -> Result<Arc<KafkaProducer>, KafkaError> {
+        let base: BaseProducer<DeliveryContext> = cc.create_with_context(DeliveryContext)?;
+        let (producer, wakeups) = ServedProducer::new(base)
+            .map_err(|e| KafkaError::ClientCreation(format!("producer wake-ups: {e}")))?;
+        let producer = Arc::new(producer);
+        tokio::spawn(serve_reports(Arc::downgrade(&producer), wakeups));
+        Ok(producer)
     }
 
     /// Checks every `every` that the broker answers and knows the topic; keeps the
@@ -161,25 +269,51 @@ impl KafkaSink {
         payload: &[u8],
         timeout: Duration,
     ) -> Result<(), PublishError> {
-        let record = FutureRecord::to(topic).key(key).payload(payload);
-        match self.current().send(record, timeout).await {
-            Ok(_) => Ok(()),
+        let delivery = self.enqueue(topic, key.as_bytes(), payload)?;
+        match tokio::time::timeout(timeout, delivery).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(PublishError::Broker("delivery report lost".into())),
+            Err(_) => Err(PublishError::Timeout),
+        }
+    }
+
+    /// Hands one message to librdkafka; the receiver resolves with its delivery report.
+    fn enqueue(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<oneshot::Receiver<Outcome>, PublishError> {
+        let (waiter, delivery) = oneshot::channel();
+        let record = BaseRecord::with_opaque_to(topic, Box::new(waiter))
+            .key(key)
+            .payload(payload);
+        match self.producer().send(record) {
+            Ok(()) => Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(PublishError::QueueFull)
+            }
             Err((e, _)) => Err(PublishError::Broker(e.to_string())),
         }
     }
 
-    /// The producer in use (a cheap clone of a shared handle).
-    fn current(&self) -> FutureProducer {
+    /// The producer in use; held only for a call that does not wait.
+    fn producer(&self) -> RwLockReadGuard<'_, Arc<KafkaProducer>> {
         match self.producer.read() {
-            Ok(p) => p.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// The producer in use, to keep across a wait.
+    fn current(&self) -> Arc<KafkaProducer> {
+        Arc::clone(&self.producer())
     }
 
     /// Swaps in a new producer. Messages still queued in the old one are purged: their
     /// requests get an error (503), never a 200 for a message that may not arrive.
     fn recreate(&self) {
-        let fresh: FutureProducer = match self.client_config.create() {
+        let fresh = match Self::create(&self.client_config) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "could not create a new producer");
@@ -226,9 +360,18 @@ impl KafkaSink {
         ack + ACK_FRESH_MS > now_ms && ack >= self.last_failure_ms.load(Ordering::Relaxed)
     }
 
+    fn fresh_ack(&self, now_ms: u64) -> bool {
+        let ack = self.last_ack_ms.load(Ordering::Relaxed);
+        ack + 50 > now_ms && ack >= self.last_failure_ms.load(Ordering::Relaxed)
+    }
+
     fn record(&self, result: &Result<(), PublishError>) {
         let now = shared::now_ms();
         match result {
+            // Every worker acknowledges clicks: skip the shared write while the last
+            // acknowledgement is this fresh and after any failure (readiness reads it in
+            // seconds).
+            Ok(()) if self.fresh_ack(now) => 0,
             Ok(()) => self.last_ack_ms.fetch_max(now, Ordering::Relaxed),
             Err(PublishError::Timeout | PublishError::Broker(_)) => {
                 self.last_failure_ms.fetch_max(now, Ordering::Relaxed)
@@ -244,24 +387,16 @@ impl ClickSink for KafkaSink {
             return Err(PublishError::NotReady);
         }
         let started = Instant::now();
-        let record = FutureRecord::to(&self.topic).key(key).payload(payload);
-        let delivery = match self.current().send_result(record) {
-            Ok(delivery) => delivery,
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                return Err(PublishError::QueueFull);
-            }
-            Err((e, _)) => return Err(PublishError::Broker(e.to_string())),
-        };
+        let delivery = self.enqueue(&self.topic, key, payload)?;
+        // librdkafka reports every message by `message.timeout.ms`; this bound only guards
+        // against a report that never comes.
         let result = match tokio::time::timeout(self.ack_timeout, delivery).await {
             Err(_) => Err(PublishError::Timeout),
-            Ok(Err(_canceled)) => Err(PublishError::Broker("delivery report lost".into())),
-            Ok(Ok(Ok(_delivery))) => Ok(()),
-            Ok(Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _)))) => {
-                Err(PublishError::Timeout)
-            }
-            Ok(Ok(Err((e, _)))) => Err(PublishError::Broker(e.to_string())),
+            Ok(Err(_dropped)) => Err(PublishError::Broker("delivery report lost".into())),
+            Ok(Ok(outcome)) => outcome,
         };
-        metrics::histogram!(m::PRODUCE_DURATION).record(started.elapsed().as_secs_f64());
+        self.produce_duration
+            .record(started.elapsed().as_secs_f64());
         self.record(&result);
         result
     }
