@@ -596,6 +596,62 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     );
 }
 
+/// `bench_pipeline hold`: the ingest benchmark's setup (tansu on memory storage, the
+/// registry, the catalogue, the wrk mix) without the runs, for profiling by hand. Writes
+/// `DIR/ingest.env` (the environment of the benchmark's ingest, limits on) and prints how
+/// to use it; holds until killed.
+async fn hold_ingest_setup(dir: &Path, script: &Path) {
+    let (broker, brokers) = private_broker(true).await;
+    create_topic(&brokers, "referral_clicks", 8).await;
+    let registry = RegistryTopics::for_topic("referral_clicks");
+    bench_registry(&brokers, &registry).await;
+    let catalogue = bench_catalogue();
+    let mut env: Vec<(String, String)> = vec![
+        ("INGEST_KAFKA_BROKERS".into(), brokers.clone()),
+        ("INGEST_KAFKA_TOPIC".into(), "referral_clicks".into()),
+        ("INGEST_ACCOUNTS_TOPIC".into(), registry.accounts.clone()),
+        ("INGEST_CODES_TOPIC".into(), registry.codes.clone()),
+        ("INGEST_REFUSALS_TOPIC".into(), registry.refusals.clone()),
+        ("INGEST_PLANS_FILE".into(), catalogue.display().to_string()),
+        ("INGEST_REDIS_URL".into(), redis_url()),
+        ("INGEST_REDIS_PREFIX".into(), format!("{}:", unique("hold"))),
+        ("INGEST_REGISTRY_CLICKHOUSE_URL".into(), String::new()),
+        (
+            "INGEST_RATE_LIMIT_NETWORK_PER_MINUTE".into(),
+            "1000000000".into(),
+        ),
+        (
+            "INGEST_RATE_LIMIT_NETWORK_BURST".into(),
+            "1000000000".into(),
+        ),
+        ("INGEST_HASH_KEY".into(), HASH_KEY.into()),
+        ("INGEST_HASH_KEY_ID".into(), "e2e1".into()),
+        ("INGEST_PLAN_LIMITS".into(), "on".into()),
+    ];
+    env.extend(unlimited());
+    let text: String = env
+        .iter()
+        .map(|(k, v)| format!("export {k}='{v}'\n"))
+        .collect();
+    let file = dir.join("ingest.env");
+    std::fs::write(&file, text).expect("write");
+    println!(
+        "broker {brokers} (tansu, memory storage, pid {:?})",
+        broker.proc.as_ref().map(|p| p.child.id())
+    );
+    println!("ingest environment: source {}", file.display());
+    println!(
+        "wrk mix: wrk -t2 -c256 -d10s -s {} http://ADDR/api/v1/referrals/click",
+        script.display()
+    );
+    println!(
+        "valid clicks for oha: {}",
+        dir.join("valid.jsonl").display()
+    );
+    println!("holding; Ctrl-C to stop");
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 fn event(i: u64) -> Vec<u8> {
     sample_event(
         &random_click_id(),
@@ -1059,6 +1115,10 @@ async fn main() {
         "# pipeline benchmark ({} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    if which == "hold" {
+        hold_ingest_setup(&dir, &script).await;
+        return;
+    }
     if matches!(which, "all" | "ingest") {
         bench_ingest(&dir, &script).await;
     }
