@@ -129,18 +129,27 @@ fn retry_after_secs(wait: Duration) -> u64 {
 }
 
 pub fn envelope(status: StatusCode, msg: &str, data: Option<serde_json::Value>) -> Response<Body> {
+    envelope_with(status, msg, &data)
+}
+
+/// The envelope around any serializable `data` (`None` is `null`).
+pub fn envelope_with<T: Serialize>(status: StatusCode, msg: &str, data: &T) -> Response<Body> {
     #[derive(Serialize)]
-    struct Envelope<'a> {
+    struct Envelope<'a, T> {
         code: u16,
         msg: &'a str,
-        data: Option<serde_json::Value>,
+        data: &'a T,
     }
-    let body = serde_json::to_vec(&Envelope {
-        code: status.as_u16(),
-        msg,
-        data,
-    })
-    .unwrap_or_default();
+    let mut body = Vec::with_capacity(128);
+    // Serializing into a Vec fails only for maps with non-string keys, which no `data` has.
+    let _ = serde_json::to_writer(
+        &mut body,
+        &Envelope {
+            code: status.as_u16(),
+            msg,
+            data,
+        },
+    );
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response

@@ -13,7 +13,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,13 +24,14 @@ use hyper::header::{
     HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, ORIGIN, SET_COOKIE, USER_AGENT, VARY,
 };
 use hyper::{Method, Request, Response, StatusCode};
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::body;
 use crate::client_ip::client_ip;
 use crate::config::{Config, CorsOrigins, Validated};
-use crate::envelope::{envelope, ApiError, Body};
+use crate::envelope::{envelope, envelope_with, ApiError, Body};
 use crate::limits::store::RedisStore;
 use crate::limits::{Limit, PlanLimiter, Refusal};
 use crate::producer::{ClickSink, PublishError};
@@ -58,6 +59,7 @@ pub struct App<S> {
     refusals: Arc<RefusalCounts>,
     bots: BotDetector,
     metrics: Option<PrometheusHandle>,
+    http_metrics: HttpMetrics,
 }
 
 /// What the app is built from besides its config.
@@ -89,6 +91,7 @@ impl<S: ClickSink> App<S> {
             refusals: parts.refusals,
             bots: BotDetector::new(),
             metrics: parts.metrics,
+            http_metrics: HttpMetrics::default(),
         }
     }
 
@@ -109,7 +112,7 @@ impl<S: ClickSink> App<S> {
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let request_id = incoming_request_id(req.headers()).unwrap_or_else(new_request_id);
-        let route = route_label(req.uri().path());
+        let route = Route::of(req.uri().path());
         let origin = req.headers().get(ORIGIN).cloned();
         let mut response = match AssertUnwindSafe(self.route(req, peer.ip()))
             .catch_unwind()
@@ -117,21 +120,16 @@ impl<S: ClickSink> App<S> {
         {
             Ok(response) => response,
             Err(_) => {
-                tracing::error!(%request_id, route, "handler panicked");
+                tracing::error!(request_id = ?request_id, route = route.label(), "handler panicked");
                 ApiError::Internal.into_response()
             }
         };
-        if route == "click" {
+        if route == Route::Click {
             self.add_cors(&mut response, origin.as_ref());
         }
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert(X_REQUEST_ID, v);
-        }
-        let status = response.status().as_u16().to_string();
-        metrics::counter!(m::HTTP_REQUESTS_TOTAL, "route" => route, "status" => status)
-            .increment(1);
-        metrics::histogram!(m::HTTP_REQUEST_DURATION, "route" => route)
-            .record(started.elapsed().as_secs_f64());
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
+        self.http_metrics
+            .answered(route, response.status(), started);
         Ok(response)
     }
 
@@ -195,11 +193,8 @@ impl<S: ClickSink> App<S> {
         }
         let limit = self.config.body_limit_bytes;
         let encoding = body::check_headers(req.headers(), limit)?;
-        let user_agent = req
-            .headers()
-            .get(USER_AGENT)
-            .map(|v| v.as_bytes().to_vec())
-            .unwrap_or_default();
+        // A handle on the header's bytes (shared with hyper's buffer), kept past the body.
+        let user_agent = req.headers().get(USER_AGENT).cloned();
         let raw = body::read(
             req.into_body(),
             encoding,
@@ -228,10 +223,11 @@ impl<S: ClickSink> App<S> {
 
         // Accepted at the moment the plan token was taken (see `limits::Ticket::at_ms`).
         let received_at_ms = ticket.map_or_else(shared::now_ms, |t| t.at_ms());
-        let ip_hash = self.hasher.hash(ip.to_string().as_bytes());
-        let ua_hash = self.hasher.hash(&user_agent);
-        let is_bot = self.bots.is_bot(&String::from_utf8_lossy(&user_agent));
-        let event = ClickEvent::new(
+        let user_agent = user_agent.as_ref().map_or(&[][..], HeaderValue::as_bytes);
+        let ip_hash = self.hasher.hash(ip_text(ip, &mut [0u8; 64]));
+        let ua_hash = self.hasher.hash(user_agent);
+        let is_bot = self.bots.is_bot(&String::from_utf8_lossy(user_agent));
+        let event = ClickEvent::encode_new(
             &click,
             &ip_hash,
             &ua_hash,
@@ -246,7 +242,7 @@ impl<S: ClickSink> App<S> {
         // partition, where the consumer recognizes it as the same click.
         let published = self
             .sink
-            .publish(click.click_id.as_str().as_bytes(), &event.encode())
+            .publish(click.click_id.as_str().as_bytes(), &event)
             .await;
         if let Err(e) = published {
             if let (Some(limits), Some(ticket)) = (&self.plan_limits, ticket) {
@@ -259,12 +255,20 @@ impl<S: ClickSink> App<S> {
                 _ => Duration::from_secs(5),
             }));
         }
-        metrics::counter!(m::CLICKS_ACCEPTED_TOTAL).increment(1);
+        self.http_metrics.accepted.increment(1);
 
-        let mut response = envelope(
+        #[derive(Serialize)]
+        struct Accepted<'a> {
+            click_id: &'a str,
+            code: &'a str,
+        }
+        let mut response = envelope_with(
             StatusCode::OK,
             "ok",
-            Some(json!({"click_id": click.click_id.as_str(), "code": click.code.as_str()})),
+            &Accepted {
+                click_id: click.click_id.as_str(),
+                code: click.code.as_str(),
+            },
         );
         if !self.config.cookie_name.is_empty() {
             if let Ok(v) = HeaderValue::from_str(&self.cookie(click.click_id.as_str())) {
@@ -352,27 +356,110 @@ impl<S: ClickSink> App<S> {
     }
 }
 
-fn route_label(path: &str) -> &'static str {
-    match path {
-        CLICK_PATH => "click",
-        "/metrics" => "metrics",
-        "/healthz" => "healthz",
-        "/readyz" => "readyz",
-        _ => "unknown",
+/// The address as text (what is hashed: `IpAddr`'s `Display`), written into `buf`.
+fn ip_text(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
+    use std::io::Write as _;
+    let mut w = &mut buf[..];
+    // The longest address text is 45 bytes.
+    let _ = write!(w, "{ip}");
+    let left = w.len();
+    &buf[..buf.len() - left]
+}
+
+/// The routes, as the metrics label them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Click,
+    Metrics,
+    Healthz,
+    Readyz,
+    Unknown,
+}
+
+impl Route {
+    const ALL: usize = 5;
+
+    fn of(path: &str) -> Self {
+        match path {
+            CLICK_PATH => Self::Click,
+            "/metrics" => Self::Metrics,
+            "/healthz" => Self::Healthz,
+            "/readyz" => Self::Readyz,
+            _ => Self::Unknown,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Click => "click",
+            Self::Metrics => "metrics",
+            Self::Healthz => "healthz",
+            Self::Readyz => "readyz",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// The statuses ingest answers with, in the order of [`HttpMetrics::requests`]' columns.
+const STATUSES: [u16; 11] = [200, 204, 400, 404, 405, 408, 413, 415, 429, 500, 503];
+
+/// The per-request metric handles, each looked up in the registry once (the `metrics`
+/// macros hash the name and labels and look the series up on every call, and the status
+/// label cost a `to_string`). Series appear on first use, as before.
+#[derive(Default)]
+struct HttpMetrics {
+    requests: [[OnceLock<Counter>; STATUSES.len()]; Route::ALL],
+    durations: [OnceLock<Histogram>; Route::ALL],
+    accepted: LazyCounter,
+}
+
+impl HttpMetrics {
+    fn answered(&self, route: Route, status: StatusCode, started: Instant) {
+        let label = route.label();
+        let code = status.as_u16();
+        match STATUSES.iter().position(|s| *s == code) {
+            Some(i) => self.requests[route as usize][i]
+                .get_or_init(|| {
+                    metrics::counter!(m::HTTP_REQUESTS_TOTAL, "route" => label, "status" => code.to_string())
+                })
+                .increment(1),
+            None => metrics::counter!(m::HTTP_REQUESTS_TOTAL, "route" => label, "status" => code.to_string())
+                .increment(1),
+        }
+        self.durations[route as usize]
+            .get_or_init(|| metrics::histogram!(m::HTTP_REQUEST_DURATION, "route" => label))
+            .record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// [`m::CLICKS_ACCEPTED_TOTAL`], looked up on first use.
+#[derive(Default)]
+struct LazyCounter(OnceLock<Counter>);
+
+impl LazyCounter {
+    fn increment(&self, n: u64) {
+        self.0
+            .get_or_init(|| metrics::counter!(m::CLICKS_ACCEPTED_TOTAL))
+            .increment(n);
     }
 }
 
 /// An incoming id is echoed only when it is sane: 1–128 of `A-Za-z0-9._:-`.
-fn incoming_request_id(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(X_REQUEST_ID)?.to_str().ok()?;
+fn incoming_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
+    let v = headers.get(X_REQUEST_ID)?;
     let sane = (1..=128).contains(&v.len())
-        && v.bytes()
+        && v.as_bytes()
+            .iter()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-    sane.then(|| v.to_owned())
+    sane.then(|| v.clone())
 }
 
-fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+/// 128 random bits as 32 lower-case hex digits.
+fn new_request_id() -> HeaderValue {
+    let mut hex = [0u8; 32];
+    // 16 bytes into 32 digits: cannot fail.
+    let _ = hex::encode_to_slice(rand::random::<u128>().to_be_bytes(), &mut hex);
+    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
@@ -380,10 +467,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_hashed_address_text_is_its_display() {
+        for ip in [
+            "127.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:192.168.100.200",
+        ] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(ip_text(ip, &mut [0u8; 64]), ip.to_string().as_bytes());
+        }
+    }
+
+    #[test]
     fn request_ids_are_echoed_only_when_sane() {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123_x.y:z"));
-        assert_eq!(incoming_request_id(&h).as_deref(), Some("abc-123_x.y:z"));
+        assert_eq!(
+            incoming_request_id(&h).as_ref().map(HeaderValue::as_bytes),
+            Some(&b"abc-123_x.y:z"[..])
+        );
         for bad in ["<script>", "a b", ""] {
             h.insert(X_REQUEST_ID, HeaderValue::from_str(bad).expect("header"));
             assert_eq!(incoming_request_id(&h), None, "{bad}");

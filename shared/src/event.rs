@@ -79,6 +79,59 @@ impl ClickEvent {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
+    /// `ClickEvent::new(..).encode()` without the owned event in between: what ingest
+    /// does for every accepted click (the event is only ever needed as bytes there, and
+    /// the copies of its eleven strings were a fifth of its encoding cost).
+    pub fn encode_new(
+        click: &ValidClick,
+        ip_hash: &Digest,
+        ua_hash: &Digest,
+        key_id: &str,
+        is_bot: bool,
+        received_at_ms: u64,
+        account_id: &str,
+    ) -> Vec<u8> {
+        /// [`ClickEvent`] borrowed: the same fields in the same order (a unit test holds
+        /// the two to the same bytes).
+        #[derive(Serialize)]
+        struct Borrowed<'a> {
+            v: u16,
+            click_id: &'a str,
+            code: &'a str,
+            landing_path: &'a str,
+            utm_source: &'a str,
+            utm_medium: &'a str,
+            utm_campaign: &'a str,
+            ip_hash: &'a str,
+            ua_hash: &'a str,
+            key_id: &'a str,
+            is_bot: bool,
+            received_at_ms: u64,
+            account_id: &'a str,
+        }
+        let (mut ip_hex, mut ua_hex) = ([0u8; 64], [0u8; 64]);
+        let event = Borrowed {
+            v: EVENT_VERSION,
+            click_id: click.click_id.as_str(),
+            code: click.code.as_str(),
+            landing_path: click.landing_path.as_str(),
+            utm_source: click.utm_source.as_str(),
+            utm_medium: click.utm_medium.as_str(),
+            utm_campaign: click.utm_campaign.as_str(),
+            ip_hash: digest_hex(ip_hash, &mut ip_hex),
+            ua_hash: digest_hex(ua_hash, &mut ua_hex),
+            key_id,
+            is_bot,
+            received_at_ms,
+            account_id,
+        };
+        // About 400 bytes of JSON: one allocation.
+        let mut out = Vec::with_capacity(512);
+        // Serializing strings, bools and integers into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, &event);
+        out
+    }
+
     /// Parses and re-validates an event.
     pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
         Self::decode_with_digests(payload).map(|(event, _, _)| event)
@@ -174,9 +227,14 @@ pub fn decode_digest(hex_digest: &str) -> Result<Digest, String> {
 /// A digest as 64 lower-case hex digits (`hex::encode` collects characters one by one).
 pub fn encode_digest(digest: &Digest) -> String {
     let mut out = [0u8; 64];
-    // The buffer is exactly twice the input, so this cannot fail.
-    let _ = hex::encode_to_slice(digest, &mut out);
-    String::from_utf8_lossy(&out).into_owned()
+    digest_hex(digest, &mut out).to_owned()
+}
+
+/// A digest as 64 lower-case hex digits written into `out`.
+fn digest_hex<'a>(digest: &Digest, out: &'a mut [u8; 64]) -> &'a str {
+    // The buffer is exactly twice the input, so this cannot fail, and hex digits are ASCII.
+    let _ = hex::encode_to_slice(digest, out);
+    std::str::from_utf8(out).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -225,6 +283,30 @@ mod tests {
             String::new(),
         ] {
             assert!(decode_digest(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_borrowed_encoding_is_byte_for_byte_the_event() {
+        let inputs: [&[u8]; 2] = [
+            br#"{"code":"a1b2c3d4e5f6","click_id":"refclk_q-x_1","landing_path":"https://x.io/caf\u00e9?q=1","utm_campaign":"a\\b \"c\" \u00e9t\u00e9","utm_source":"tab\there"}"#,
+            br#"{"code":"a1b2c3d4e5f6"}"#,
+        ];
+        for json in inputs {
+            let input = ClickInput::from_json(json).expect("json");
+            let click = validate(&input, 12).expect("valid");
+            for (is_bot, account) in [(false, "acct_1"), (true, "")] {
+                let ip: Digest = std::array::from_fn(|i| i as u8);
+                let ua: Digest = std::array::from_fn(|i| 255 - i as u8);
+                let at = 1_700_000_000_123;
+                let owned = ClickEvent::new(&click, &ip, &ua, "k1", is_bot, at, account);
+                let borrowed = ClickEvent::encode_new(&click, &ip, &ua, "k1", is_bot, at, account);
+                assert_eq!(
+                    String::from_utf8_lossy(&borrowed),
+                    String::from_utf8_lossy(&owned.encode())
+                );
+                assert_eq!(ClickEvent::decode(&borrowed), Ok(owned));
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! Fuzzes the request path of the endpoint: body bytes → `ClickInput` → validation →
 //! Kafka event → decode. Invariants: nothing panics; whatever validation accepts encodes
-//! into an event that decodes back to itself (the consumer never dead-letters a click the
+//! (the way ingest encodes it, byte for byte the event's own encoding) into an event that
+//! decodes back to itself (the consumer never dead-letters a click the
 //! endpoint accepted); an error never quotes the body.
 #![no_main]
 
@@ -25,7 +26,17 @@ fuzz_target!(|data: &[u8]| {
                     1_700_000_000_000,
                     "acct_1",
                 );
-                let decoded = ClickEvent::decode(&event.encode());
+                let bytes = ClickEvent::encode_new(
+                    &click,
+                    &[7; 32],
+                    &[9; 32],
+                    "k1",
+                    false,
+                    1_700_000_000_000,
+                    "acct_1",
+                );
+                assert_eq!(bytes, event.encode(), "ingest's encoding differs from the event's");
+                let decoded = ClickEvent::decode(&bytes);
                 assert_eq!(decoded.as_ref(), Ok(&event), "accepted click does not round-trip");
             }
         }
