@@ -3,7 +3,8 @@
 //!     deploy/local/bench            (builds release binaries, needs wrk, oha, tansu, ClickHouse)
 //!
 //! Prints: ingest max requests/s (realistic body mix, keep-alive, wrk) vs a bare hyper
-//! server; ingest latency percentiles at 50% and 90% of its max rate (oha, fixed rate,
+//! server, and the same bare hyper answering after a 3 ms wait (the floor for a server
+//! that waits for its broker's acknowledgement); ingest latency percentiles at 50% and 90% of its max rate (oha, fixed rate,
 //! latency correction); ingest peak RSS and CPU-seconds per million clicks; consumer rows/s
 //! from a pre-filled topic vs raw consume and raw RowBinary insert ceilings and vs
 //! ClickHouse's own Kafka engine (same topic, same table and views, same run); end-to-end
@@ -287,6 +288,28 @@ fn rounds() -> usize {
         .unwrap_or(5)
 }
 
+/// The wait of the bare hyper that stands in for an acknowledgement (ingest's median
+/// produce latency under the wrk load is 3-5 ms here).
+const ACK_LIKE_WAIT_MS: u64 = 3;
+
+/// `bench_bare_hyper` on a free port, answering after `wait_ms` if given.
+async fn start_bare_hyper(wait_ms: Option<u64>) -> (Proc, std::net::SocketAddr) {
+    let addr = free_addr();
+    let mut cmd = Command::new(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/bench_bare_hyper"),
+    );
+    cmd.arg(addr.to_string());
+    if let Some(ms) = wait_ms {
+        cmd.arg(ms.to_string());
+    }
+    let proc = Proc::spawn("bare_hyper", cmd);
+    eventually("bare hyper", Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+    })
+    .await;
+    (proc, addr)
+}
+
 async fn bench_ingest(dir: &Path, script: &Path) {
     println!("\n## ingest (tansu on memory storage; wrk -t2 -c256, 70% JSON / 10% text/plain / 10% gzip / 10% invalid, 10,000 codes of 2,000 accounts on mixed plans; plan limits through the real Redis)\n");
     let (broker, brokers) = private_broker(true).await;
@@ -297,26 +320,19 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     let catalogue = bench_catalogue();
     let on = start_ingest(&brokers, &registry, &catalogue, "on").await;
     let off = start_ingest(&brokers, &registry, &catalogue, "off").await;
-    let bare_addr = free_addr();
-    let mut cmd = Command::new(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/bench_bare_hyper"),
-    );
-    cmd.arg(bare_addr.to_string());
-    let bare = Proc::spawn("bare_hyper", cmd);
-    eventually("bare hyper", Duration::from_secs(10), || async move {
-        tokio::net::TcpStream::connect(bare_addr)
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
+    let (bare, bare_addr) = start_bare_hyper(None).await;
+    // The floor for a server that answers only after an acknowledgement: the same HTTP
+    // work, each answer after a wait of about ingest's own at full load, so its
+    // connections sit idle between request and answer as ingest's do.
+    let (waiting, waiting_addr) = start_bare_hyper(Some(ACK_LIKE_WAIT_MS)).await;
+    let waiting_url = format!("http://{waiting_addr}/api/v1/referrals/click");
     let bare_url = format!("http://{bare_addr}/api/v1/referrals/click");
     let (on_url, off_url) = (
         on.url("/api/v1/referrals/click"),
         off.url("/api/v1/referrals/click"),
     );
     let pid = on.proc.child.id();
-    for url in [&on_url, &bare_url, &off_url] {
+    for url in [&on_url, &bare_url, &off_url, &waiting_url] {
         wrk(url, script, 3); // warm-up
     }
     // BENCH_PERF=DIR: CPU profiles of ingest with limits on and off under the same load, in
@@ -382,6 +398,7 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     let (mut cpu, mut accepted, mut total) = (0.0, 0.0, 0.0);
     let (mut off_cpu, mut off_accepted) = (0.0, 0.0);
     let (mut bare_cpu, mut bare_answered) = (0.0, 0.0);
+    let (mut waiting_rps, mut waiting_cpu, mut waiting_answered) = (Vec::new(), 0.0, 0.0);
     let mut broker_cpu = 0.0;
     // Redis' own CPU and the lease calls behind the limits-on runs: the cost of the
     // limits that ingest's CPU figure does not show (Redis shares the machine's cores).
@@ -422,6 +439,11 @@ async fn bench_ingest(dir: &Path, script: &Path) {
         let (b, bare_n, _) = wrk(&bare_url, script, 10);
         bare_cpu += cpu_secs(bare.child.id()) - bare_cpu0;
         bare_answered += bare_n;
+        let waiting_cpu0 = cpu_secs(waiting.child.id());
+        let (w, waiting_n, _) = wrk(&waiting_url, script, 10);
+        waiting_cpu += cpu_secs(waiting.child.id()) - waiting_cpu0;
+        waiting_answered += waiting_n;
+        waiting_rps.push(w);
         println!(
             "| {run} | {rps:.0} req/s | {o:.0} req/s | {b:.0} req/s | {:.2} | {:.2} |",
             rps / b,
@@ -462,6 +484,12 @@ async fn bench_ingest(dir: &Path, script: &Path) {
     println!(
         "| bare hyper CPU-seconds per million answered requests, same load | {:.1} s | |",
         bare_cpu / bare_answered.max(1.0) * 1e6
+    );
+    println!(
+        "| bare hyper answering after a {ACK_LIKE_WAIT_MS} ms wait (as if for an ack), same load: requests/s (median of {rounds}); CPU-seconds per million answered requests (the floor for a server that waits for its broker) | {:.0} req/s ({:.2} of the ceiling); {:.1} s | |",
+        median(&mut waiting_rps),
+        median(&mut waiting_rps) / median(&mut bare_rps).max(1.0),
+        waiting_cpu / waiting_answered.max(1.0) * 1e6
     );
     println!(
         "| broker (tansu) CPU-seconds per million accepted clicks, limits on | {:.1} s | |",
