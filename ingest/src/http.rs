@@ -40,7 +40,7 @@ use crate::refusals::RefusalCounts;
 use crate::registry::SharedRegistry;
 use shared::bot::BotDetector;
 use shared::click::{validate_with, ClickInput};
-use shared::event::ClickEvent;
+use shared::event::ClickEventRef;
 use shared::hashing::KeyedHasher;
 use shared::metric_names as m;
 
@@ -227,7 +227,7 @@ impl<S: ClickSink> App<S> {
         let ip_hash = self.hasher.hash(ip_text(ip, &mut [0u8; 64]));
         let ua_hash = self.hasher.hash(user_agent);
         let is_bot = self.bots.is_bot(&String::from_utf8_lossy(user_agent));
-        let event = ClickEvent::encode_new(
+        let event = ClickEventRef::new(
             &click,
             &ip_hash,
             &ua_hash,
@@ -235,7 +235,8 @@ impl<S: ClickSink> App<S> {
             is_bot,
             received_at_ms,
             &account.account_id,
-        );
+        )
+        .encode();
 
         // Keyed by click id: random ids spread evenly over partitions, so one viral code
         // cannot make a partition hot, and a client retry (same id) lands in the same
@@ -255,7 +256,7 @@ impl<S: ClickSink> App<S> {
                 _ => Duration::from_secs(5),
             }));
         }
-        self.http_metrics.accepted.increment(1);
+        self.http_metrics.accepted();
 
         #[derive(Serialize)]
         struct Accepted<'a> {
@@ -410,37 +411,29 @@ const STATUSES: [u16; 11] = [200, 204, 400, 404, 405, 408, 413, 415, 429, 500, 5
 struct HttpMetrics {
     requests: [[OnceLock<Counter>; STATUSES.len()]; Route::ALL],
     durations: [OnceLock<Histogram>; Route::ALL],
-    accepted: LazyCounter,
+    accepted: OnceLock<Counter>,
 }
 
 impl HttpMetrics {
     fn answered(&self, route: Route, status: StatusCode, started: Instant) {
         let label = route.label();
         let code = status.as_u16();
+        let series = || metrics::counter!(m::HTTP_REQUESTS_TOTAL, "route" => label, "status" => code.to_string());
         match STATUSES.iter().position(|s| *s == code) {
             Some(i) => self.requests[route as usize][i]
-                .get_or_init(|| {
-                    metrics::counter!(m::HTTP_REQUESTS_TOTAL, "route" => label, "status" => code.to_string())
-                })
+                .get_or_init(series)
                 .increment(1),
-            None => metrics::counter!(m::HTTP_REQUESTS_TOTAL, "route" => label, "status" => code.to_string())
-                .increment(1),
+            None => series().increment(1),
         }
         self.durations[route as usize]
             .get_or_init(|| metrics::histogram!(m::HTTP_REQUEST_DURATION, "route" => label))
             .record(started.elapsed().as_secs_f64());
     }
-}
 
-/// [`m::CLICKS_ACCEPTED_TOTAL`], looked up on first use.
-#[derive(Default)]
-struct LazyCounter(OnceLock<Counter>);
-
-impl LazyCounter {
-    fn increment(&self, n: u64) {
-        self.0
+    fn accepted(&self) {
+        self.accepted
             .get_or_init(|| metrics::counter!(m::CLICKS_ACCEPTED_TOTAL))
-            .increment(n);
+            .increment(1);
     }
 }
 

@@ -113,32 +113,25 @@ const SERVE_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
 /// Events served in one go before the task yields to the runtime.
 const SERVE_BATCH: usize = 4096;
 
-/// Serves a producer's main queue whenever librdkafka says it is not empty, until the
-/// producer is gone.
+/// Serves a producer's main queue whenever librdkafka says it is not empty (or every
+/// [`SERVE_AT_LEAST_EVERY`]), until the producer is gone.
 async fn serve_reports(producer: Weak<KafkaProducer>, wakeups: std::os::unix::net::UnixStream) {
-    let wakeups = match tokio::net::UnixStream::from_std(wakeups) {
-        Ok(s) => s,
-        Err(e) => {
+    let wakeups = tokio::net::UnixStream::from_std(wakeups)
+        .inspect_err(|e| {
             tracing::error!(error = %e, "cannot watch the producer's queue; serving it every 100 ms");
-            return serve_every(producer).await;
-        }
-    };
+        })
+        .ok();
     let mut bytes = [0u8; 64];
     loop {
-        let _ = tokio::time::timeout(SERVE_AT_LEAST_EVERY, wakeups.readable()).await;
-        while matches!(wakeups.try_read(&mut bytes), Ok(n) if n > 0) {}
+        match &wakeups {
+            Some(w) => {
+                let _ = tokio::time::timeout(SERVE_AT_LEAST_EVERY, w.readable()).await;
+                while matches!(w.try_read(&mut bytes), Ok(n) if n > 0) {}
+            }
+            None => tokio::time::sleep(SERVE_AT_LEAST_EVERY).await,
+        }
         let Some(p) = producer.upgrade() else { return };
         // librdkafka writes again only after the queue was empty: serve it to the end.
-        while serve_some(&p) {
-            tokio::task::yield_now().await;
-        }
-    }
-}
-
-async fn serve_every(producer: Weak<KafkaProducer>) {
-    loop {
-        tokio::time::sleep(SERVE_AT_LEAST_EVERY).await;
-        let Some(p) = producer.upgrade() else { return };
         while serve_some(&p) {
             tokio::task::yield_now().await;
         }

@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use shared::click::{validate, ClickInput, DEFAULT_CODE_LEN};
-use shared::event::ClickEvent;
+use shared::event::{ClickEvent, ClickEventRef};
 
 fuzz_target!(|data: &[u8]| {
     match ClickInput::from_json(data) {
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(input) => {
             if let Ok(click) = validate(&input, DEFAULT_CODE_LEN) {
-                let event = ClickEvent::new(
+                let borrowed = ClickEventRef::new(
                     &click,
                     &[7; 32],
                     &[9; 32],
@@ -26,15 +26,7 @@ fuzz_target!(|data: &[u8]| {
                     1_700_000_000_000,
                     "acct_1",
                 );
-                let bytes = ClickEvent::encode_new(
-                    &click,
-                    &[7; 32],
-                    &[9; 32],
-                    "k1",
-                    false,
-                    1_700_000_000_000,
-                    "acct_1",
-                );
+                let (bytes, event) = (borrowed.encode(), borrowed.to_event());
                 assert_eq!(bytes, event.encode(), "ingest's encoding differs from the event's");
                 let decoded = ClickEvent::decode(&bytes);
                 assert_eq!(decoded.as_ref(), Ok(&event), "accepted click does not round-trip");
