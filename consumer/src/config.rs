@@ -186,7 +186,7 @@ pub struct Config {
     pub batch_max_rows: usize,
 
     /// Flush when the oldest buffered row is this old. With plan groups a flush is a few
-    /// inserts whatever the partitions, so 500 ms keeps freshness p99 under 1 s (README).
+    /// inserts whatever the partitions, so 500 ms keeps freshness p99 under 1 s (tests/README.md).
     #[arg(
         long,
         env = "CONSUMER_BATCH_MAX_AGE_MS",
@@ -262,7 +262,7 @@ pub struct Config {
     )]
     pub insert_concurrency: usize,
 
-    /// `on`: the plans of a flush are recorded in groups, each inserted as one (README,
+    /// `on`: the plans of a flush are recorded in groups, each inserted as one (consumer/README.md,
     /// "How a click stays exactly once"). `off` while consumers older than plan groups
     /// (migration 0008) still run in the same group: such a member replays a plan of a
     /// group alone, under the plan's own token, which the server does not take for the

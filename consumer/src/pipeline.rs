@@ -50,7 +50,7 @@
 //!
 //! # Plan groups
 //! Each insert makes a part in the table and in every view's target table, which costs the
-//! server far more than the rows of a small batch (README, "Plan groups"). So the plans a
+//! server far more than the rows of a small batch (consumer/README.md, "Plan groups"). So the plans a
 //! member proposes in one flush are recorded as one group (a few groups for a large flush,
 //! about `GROUP_MIN_ROWS` each, at most `CONSUMER_INSERT_CONCURRENCY`) and go in as one
 //! INSERT under the group's token ([`PlanGroup`]). What keeps invariant 2:
@@ -66,7 +66,7 @@
 //!   `CONSUMER_DEDUP_TRUST_SECS` ago, then asks which rows are stored and sends the rest
 //!   alone, exactly like an old replay. Those partitions stall that long; the others go on.
 //!
-//! Clustered ClickHouse: see the README ("Clustered ClickHouse"). In short: replicated
+//! Clustered ClickHouse: see deploy/README.md ("Clustered ClickHouse"). In short: replicated
 //! tables deduplicate by default (`replicated_deduplication_window`), views too with the
 //! insert setting used here; the plans table must be replicated, and the plan read-back
 //! must see every plan committed before it (`select_sequential_consistency = 1` with
@@ -914,7 +914,7 @@ enum Route {
 
 /// Below this many rows a group, a flush's plans share inserts: the fixed cost of an
 /// insert (a part in the table and in every view's target) was about that of 20,000 rows
-/// here (README, "Plan groups").
+/// here (consumer/README.md, "Plan groups").
 const GROUP_MIN_ROWS: usize = 20_000;
 
 /// Splits a flush's proposals (with their rows) into groups, as many as keep each at

@@ -9,7 +9,7 @@
 --   member follows it, so a slow, stalled or replaced member and its successor cut the
 --   same batches. Old plans expire after 7 days.
 -- On replicated tables the window is replicated_deduplication_window (server default);
--- see README "Clustered ClickHouse" for what an operator must set there.
+-- see deploy/README.md "Clustered ClickHouse" for what an operator must set there.
 CREATE TABLE IF NOT EXISTS {{clicks_table}}_plans
 (
     topic       LowCardinality(String),

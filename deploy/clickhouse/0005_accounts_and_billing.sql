@@ -1,4 +1,4 @@
--- Referral programs and billing (SPEC "Referral programs", "Metering and billing").
+-- Referral programs and billing (consumer/README.md, "Billing in ClickHouse").
 -- * Every click row carries the account that owned its code when ingest accepted it,
 --   so analytics join nothing at query time. Rows of older events have ''.
 -- * accounts / codes mirror the compacted registry topics; the latest Kafka message of a

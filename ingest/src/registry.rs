@@ -7,7 +7,7 @@
 //!   its message was still on its way;
 //! * after that, a registry message is in force as soon as its batch is applied (the
 //!   follower waits at most `fetch.wait.max.ms` = 100 ms for new messages), so a command's
-//!   change reaches every instance well within the SPEC's 2 s;
+//!   change reaches every instance well within the 2 s the contract promises;
 //! * a malformed message (bad JSON, unknown plan, another major version, bad key) changes
 //!   nothing, is logged with its position and counted, and never stops the follower;
 //! * lookups take a read lock only; the follower applies a whole fetched batch under one

@@ -1,4 +1,4 @@
-//! The plan catalogue: what each plan includes and limits (SPEC "Plans and limits").
+//! The plan catalogue: what each plan includes and limits (deploy/README.md, "The plan catalogue").
 //!
 //! It is data, not code: `deploy/plans/catalogue.json` holds the docs page's figures and
 //! an operator may replace the file. Both binaries load it at start and refuse to start

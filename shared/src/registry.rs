@@ -1,4 +1,4 @@
-//! The referral-program registry: accounts and codes (SPEC "Referral programs").
+//! The referral-program registry: accounts and codes (consumer/README.md, "The registry").
 //!
 //! Two compacted Kafka topics hold it, and any backend may write them:
 //! * `referral_accounts`, key = account id, value = [`AccountRecord`] as JSON;
@@ -14,7 +14,7 @@
 //! catalogue. Memory: a code of up to 12 characters (the default length) is a 64-bit key,
 //! up to 24 characters a 128-bit key, so no code costs an allocation; about 17–34 bytes
 //! per code of up to 12 characters, depending on where the hash table is in its growth
-//! (measured in the README).
+//! (measured in tests/README.md).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1221,7 +1221,7 @@ impl Drop for PrivateRedis {
 
 // --- the fault report ----------------------------------------------------------------------
 
-/// One row of the fault/attack table in the README, measured by a test.
+/// One row of the fault/attack table in tests/README.md, measured by a test.
 pub struct FaultRow<'a> {
     pub fault: &'a str,
     pub load: &'a str,

@@ -546,7 +546,7 @@ async fn the_billing_dashboard_answers_the_known_data_set() {
     let now = shared::now_ms() / 1000;
     check_dashboard(&db, "plans-billing", &expected, (now - 86_400, now + 5)).await;
 
-    // The SPEC's per-account question, and the month's bill.
+    // The documented per-account question, and the month's bill.
     let credits = db
         .scalar(&format!("SELECT sum(credits) FROM account_credits_daily WHERE account_id = '{over}' AND day = today() FORMAT TSV"))
         .await;

@@ -1063,7 +1063,7 @@ async fn a_newer_minor_event_is_written_and_a_new_major_is_dead_lettered() {
 /// message is skipped or written twice. At a pause librdkafka drops what it prefetched
 /// and resumes at the message after the last one handed to the consumer, usually inside
 /// a record batch; the broker must answer such a fetch from that offset (tansu's
-/// `memory://` storage does not, see the README's tansu section).
+/// `memory://` storage does not, see deploy/README.md's tansu section).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_buffer_pauses_fetching_and_skips_no_message() {
     let scope = Scope::new("eo_paused", 4).await;

@@ -1,5 +1,5 @@
-//! Referral programs end to end (SPEC "Referral programs", "Plans and limits", "Metering
-//! and billing"): the operator commands against a running ingest, plan limits held by
+//! Referral programs end to end (consumer/README.md "The registry" and "Billing in ClickHouse",
+//! ingest/README.md "Limits"): the operator commands against a running ingest, plan limits held by
 //! three ingest instances together through the real Redis, Redis outages, and what
 //! ClickHouse bills.
 
@@ -742,7 +742,7 @@ async fn plan_limits_hold_across_three_ingest_instances() {
         }
     }
 
-    // Billing in ClickHouse: credits per account and day (the SPEC's query), the month's
+    // Billing in ClickHouse: credits per account and day (the documented query), the month's
     // bill with overage for the growth account, and every refusal counted by limit.
     let today = shared::now_ms() / 86_400_000;
     for case in &cases {

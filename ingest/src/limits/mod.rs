@@ -1,4 +1,4 @@
-//! Plan limits per account, shared by every ingest instance (SPEC "Plans and limits"):
+//! Plan limits per account, shared by every ingest instance (ingest/README.md, "Limits"):
 //! a rolling 60 s rate limit, a daily cap and, without overage, the included credits of the
 //! month, checked in that order after the per-IP limit and before publishing.
 //!

@@ -4,7 +4,7 @@
 //!
 //! One call ([`QuotaStore::lease`]) does, atomically for one account: give back the unused
 //! tokens of the instance's previous lease, add the clicks the instance accepted on its own
-//! while the store was unreachable, then check the three limits in the SPEC's order and
+//! while the store was unreachable, then check the three limits in the contract's order and
 //! grant up to `want` tokens.
 //!
 //! The rules, and why a lease never lets more through than the limit:
