@@ -726,29 +726,125 @@ mod tests {
         .is_ok());
     }
 
-    proptest! {
-        #[test]
-        fn validation_never_panics(body in proptest::collection::vec(any::<u8>(), 0..256)) {
-            if let Ok(input) = ClickInput::from_json(&body) {
-                let _ = validate(&input, DEFAULT_CODE_LEN);
-            }
-        }
+    /// A mix of well-formed and broken values for one field, so a run exercises both the
+    /// accepting and the refusing paths of [`validate`].
+    fn field(valid: &'static str, broken: &'static str) -> impl Strategy<Value = String> {
+        prop_oneof![3 => valid, 1 => broken]
+    }
 
-        #[test]
-        fn any_string_fields_give_a_result_and_valid_output(
-            code in ".{0,20}", path in ".{0,40}", utm in ".{0,300}", id in ".{0,30}",
-        ) {
+    /// A JSON value of any type, strings mostly (so most bodies reach [`validate`]).
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        prop_oneof![
+            6 => "\\PC{0,40}".prop_map(Value::from),
+            2 => "[a-zA-Z0-9]{12}".prop_map(Value::from),
+            1 => Just(Value::Null),
+            1 => any::<i64>().prop_map(Value::from),
+            1 => any::<bool>().prop_map(Value::from),
+            1 => proptest::collection::vec(any::<u8>(), 0..3).prop_map(Value::from),
+            1 => Just(serde_json::json!({"deep": {"er": [1, "x"]}})),
+        ]
+    }
+
+    /// A JSON object over the click's fields and a stranger, each present or not.
+    fn json_object() -> impl Strategy<Value = serde_json::Map<String, serde_json::Value>> {
+        let keys = prop_oneof![
+            Just("code"),
+            Just("click_id"),
+            Just("landing_path"),
+            Just("utm_source"),
+            Just("utm_medium"),
+            Just("utm_campaign"),
+            Just("extra"),
+        ];
+        proptest::collection::vec((keys, json_value()), 0..8)
+            .prop_map(|pairs| pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    }
+
+    /// Runs `cases` inputs through `check` and returns how many were accepted.
+    fn count_accepted<S: Strategy>(
+        cases: u32,
+        strategy: S,
+        check: impl Fn(S::Value) -> Result<bool, TestCaseError>,
+    ) -> u32 {
+        let accepted = std::sync::atomic::AtomicU32::new(0);
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            cases,
+            ..ProptestConfig::default()
+        });
+        runner
+            .run(&strategy, |value| {
+                if check(value)? {
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(())
+            })
+            .expect("property holds");
+        accepted.into_inner()
+    }
+
+    #[test]
+    fn validation_never_panics_on_any_json_object() {
+        let cases = 1024;
+        let reached = count_accepted(cases, json_object(), |object| {
+            let body = serde_json::Value::Object(object.clone()).to_string();
+            let Ok(input) = ClickInput::from_json(body.as_bytes()) else {
+                // Only a field of the wrong type may stop the body short of validation.
+                let typed = object
+                    .iter()
+                    .all(|(k, v)| k == "extra" || v.is_string() || v.is_null());
+                prop_assert!(!typed, "a well-typed object was refused: {body}");
+                return Ok(false);
+            };
+            let _ = validate(&input, DEFAULT_CODE_LEN);
+            Ok(true)
+        });
+        // Most objects have string fields only, so most must reach validate.
+        assert!(
+            reached * 3 > cases,
+            "only {reached} of {cases} objects reached validate"
+        );
+    }
+
+    #[test]
+    fn any_mix_of_fields_gives_a_result_and_valid_output() {
+        let cases = 1024;
+        let strategy = (
+            field("[ ]{0,2}[a-zA-Z0-9]{12}[ ]{0,2}", ".{0,20}"),
+            field(
+                "(https://[a-z]{1,8}\\.com)?/[a-z0-9/._-]{0,30}(\\?[a-z=&]{0,10})?",
+                ".{0,40}",
+            ),
+            field("[a-z -]{0,30}", ".{0,300}"),
+            field("(refclk_[A-Za-z0-9_-]{1,30})?", ".{0,30}"),
+        );
+        let accepted = count_accepted(cases, strategy, |(code, path, utm, id)| {
             let body = serde_json::json!({"code": code, "landing_path": path, "utm_source": utm, "click_id": id});
             let parsed = ClickInput::from_json(body.to_string().as_bytes()).expect("json");
-            if let Ok(click) = validate(&parsed, DEFAULT_CODE_LEN) {
-                // Whatever was accepted passes the strict check used when decoding events.
-                prop_assert!(ReferralCode::parse_normalized(click.code.as_str()).is_ok());
-                prop_assert!(LandingPath::parse_normalized(click.landing_path.as_str()).is_ok());
-                prop_assert!(UtmValue::parse_normalized(click.utm_source.as_str()).is_ok());
-                prop_assert!(ClickId::parse(click.click_id.as_str()).is_ok());
+            match validate(&parsed, DEFAULT_CODE_LEN) {
+                Ok(click) => {
+                    // Whatever was accepted passes the strict check used when decoding events.
+                    prop_assert!(ReferralCode::parse_normalized(click.code.as_str()).is_ok());
+                    prop_assert!(LandingPath::parse_normalized(click.landing_path.as_str()).is_ok());
+                    prop_assert!(UtmValue::parse_normalized(click.utm_source.as_str()).is_ok());
+                    prop_assert!(ClickId::parse(click.click_id.as_str()).is_ok());
+                    prop_assert_eq!(click.click_id_generated, id.is_empty());
+                    Ok(true)
+                }
+                Err(errors) => {
+                    prop_assert!(!errors.is_empty());
+                    Ok(false)
+                }
             }
-        }
+        });
+        // Each field is well-formed 3 times in 4, so about 0.75^4 = 32 % are accepted.
+        assert!(
+            accepted * 5 > cases && accepted * 5 < cases * 4,
+            "{accepted} of {cases} accepted: the mix no longer tests both paths"
+        );
+    }
 
+    proptest! {
         #[test]
         fn valid_codes_normalize_idempotently(code in "[a-zA-Z0-9]{12}", pad in " {0,3}") {
             let raw = format!("{pad}{code}{pad}");

@@ -81,14 +81,21 @@ mod tests {
     const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
     #[test]
-    fn matches_rfc4231_test_case_2_shape() {
-        // RFC 4231 test case 2 uses a short key, so check against the generic HMAC here.
-        let h = KeyedHasher::new(KEY, "k1").expect("key");
-        let mut reference = Hmac::<Sha256>::new_from_slice(KEY).expect("key");
-        reference.update(b"203.0.113.7");
+    fn matches_rfc4231_known_answers() {
+        // RFC 4231 test cases 6 and 7: the ones whose key (131 bytes of 0xaa) is long
+        // enough for this hasher, which refuses keys under 32 bytes.
+        let key = [0xaa_u8; 131];
+        let h = KeyedHasher::new(&key, "k1").expect("key");
+        let case_6 = b"Test Using Larger Than Block-Size Key - Hash Key First";
         assert_eq!(
-            h.hash(b"203.0.113.7").as_slice(),
-            reference.finalize().into_bytes().as_slice()
+            hex::encode(h.hash(case_6)),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        let case_7: &[u8] = b"This is a test using a larger than block-size key and a larger \
+than block-size data. The key needs to be hashed before being used by the HMAC algorithm.";
+        assert_eq!(
+            hex::encode(h.hash(case_7)),
+            "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2"
         );
     }
 

@@ -207,35 +207,54 @@ mod tests {
 
     #[test]
     fn bad_catalogues_are_refused_with_the_plan_and_field() {
+        // A good plan first, so a message that names the first plan instead of the bad
+        // one fails.
+        let good = r#"{"name":"good","price_usd_month":1,"included_credits_month":10,"daily_cap":null,"rate_limit_per_minute":5,"overage_usd_per_1000":null,"overage_default":false}"#;
         let plan = r#"{"name":"x","price_usd_month":1,"included_credits_month":10,"daily_cap":null,"rate_limit_per_minute":5,"overage_usd_per_1000":null,"overage_default":false}"#;
-        let file = |plans: &str| format!(r#"{{"v":1,"plans":[{plans}]}}"#);
+        let file = |plans: &str| format!(r#"{{"v":1,"plans":[{good},{plans}]}}"#);
         let cases = [
-            (file(&plan.replace(r#""x""#, r#""X Y""#)), "name"),
-            (file(&format!("{plan},{plan}")), "appears twice"),
+            (
+                file(&plan.replace(r#""x""#, r#""X Y""#)),
+                r#"plan #2: name "X Y""#,
+            ),
+            (
+                file(&format!("{plan},{plan}")),
+                r#"plan "x": name appears twice"#,
+            ),
             (
                 file(&plan.replace(
                     r#""rate_limit_per_minute":5"#,
                     r#""rate_limit_per_minute":0"#,
                 )),
-                "rate_limit_per_minute",
+                r#"plan "x": rate_limit_per_minute"#,
             ),
             (
                 file(&plan.replace(r#""daily_cap":null"#, r#""daily_cap":0"#)),
-                "daily_cap",
+                r#"plan "x": daily_cap"#,
             ),
             (
                 file(&plan.replace(r#""price_usd_month":1"#, r#""price_usd_month":-1"#)),
-                "price_usd_month",
+                r#"plan "x": price_usd_month"#,
             ),
             (
                 file(&plan.replace(r#""overage_default":false"#, r#""overage_default":true"#)),
-                "overage_default",
+                r#"plan "x": overage_default"#,
             ),
+        ];
+        for (json, needle) in cases {
+            let e = Catalogue::parse(json.as_bytes()).expect_err(&json);
+            assert!(
+                e.starts_with(needle),
+                "{json}: {e:?} should start with {needle:?}"
+            );
+        }
+        // Refused before any plan is looked at: the reason alone.
+        let cases = [
             (
                 file(&plan.replace(r#""name":"x""#, r#""name":"x","extra":1"#)),
                 "unknown field",
             ),
-            (file(""), "no plans"),
+            (r#"{"v":1,"plans":[]}"#.to_owned(), "no plans"),
             (r#"{"v":2,"plans":[]}"#.to_owned(), "version 2"),
             ("not json".to_owned(), "expected"),
         ];
