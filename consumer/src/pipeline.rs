@@ -372,9 +372,13 @@ impl Pipeline {
         for event in self.consumer.context().take_events() {
             match event {
                 Rebalanced::Revoked(parts) => {
-                    for p in parts {
-                        self.partitions.remove(&p);
-                    }
+                    let dropped: usize = parts
+                        .iter()
+                        .filter_map(|p| self.partitions.remove(p))
+                        .map(|state| state.rows())
+                        .sum();
+                    metrics::counter!(m::ROWS_DROPPED_UNWRITTEN_TOTAL, "when" => "revoked")
+                        .increment(dropped as u64);
                 }
                 Rebalanced::Assigned(parts) => {
                     self.idle_since = parts.is_empty().then(Instant::now);
@@ -560,10 +564,20 @@ impl Flusher {
             }
         };
         let before = partitions.len();
-        partitions.retain(|p, _| ours.contains(p));
+        let mut rows = 0;
+        partitions.retain(|p, state| {
+            let keep = ours.contains(p);
+            if !keep {
+                rows += state.rows();
+            }
+            keep
+        });
         if partitions.len() < before {
+            metrics::counter!(m::ROWS_DROPPED_UNWRITTEN_TOTAL, "when" => "before_write")
+                .increment(rows as u64);
             tracing::info!(
                 dropped = before - partitions.len(),
+                rows,
                 "partitions no longer ours dropped before writing"
             );
         }

@@ -55,6 +55,9 @@ pub const PARTITION_LAG: &str = "consumer_partition_lag_messages"; // labels: pa
 pub const OLDEST_UNFLUSHED_AGE: &str = "consumer_oldest_unflushed_age_seconds";
 pub const BUFFERED_ROWS: &str = "consumer_buffered_rows";
 /// Times fetching paused because `CONSUMER_MAX_BUFFERED_ROWS` were in hand.
+/// Rows in hand dropped unwritten because their partition was no longer ours (another
+/// member writes them), by when it was found: at a revoke, or right before writing.
+pub const ROWS_DROPPED_UNWRITTEN_TOTAL: &str = "consumer_rows_dropped_unwritten_total"; // labels: when
 pub const FETCH_PAUSES_TOTAL: &str = "consumer_fetch_pauses_total";
 pub const CLICKHOUSE_UP: &str = "consumer_clickhouse_up";
 /// Plans recorded by another member that this one inserted again (a no-op at the server).
@@ -215,6 +218,10 @@ pub fn register_consumer() {
     );
     describe_gauge!(BUFFERED_ROWS, "Rows held in memory awaiting insert");
     describe_counter!(
+        ROWS_DROPPED_UNWRITTEN_TOTAL,
+        "Rows in hand dropped unwritten because their partition moved to another member"
+    );
+    describe_counter!(
         FETCH_PAUSES_TOTAL,
         "Times fetching paused because the buffer was full"
     );
@@ -250,6 +257,9 @@ pub fn register_consumer() {
     counter!(PLANS_REPLAYED_TOTAL).increment(0);
     counter!(PLAN_WAITS_TOTAL).increment(0);
     counter!(PLAN_GROUP_WAITS_TOTAL).increment(0);
+    for when in ["revoked", "before_write"] {
+        counter!(ROWS_DROPPED_UNWRITTEN_TOTAL, "when" => when).increment(0);
+    }
     for cause in ["already_stored", "same_click_id"] {
         counter!(DUPLICATES_SKIPPED_TOTAL, "cause" => cause).increment(0);
     }
