@@ -3,6 +3,7 @@
 //! panel of the provisioned dashboards — taken from the dashboard JSON, and required to
 //! equal one of the named queries in deploy/clickhouse/queries — must return those answers.
 
+use ingest::limits::calendar::civil_from_days;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -138,19 +139,6 @@ fn chrono_free_today() -> String {
     let days = (shared::now_ms() / 1000 / 86_400) as i64;
     let (y, mo, d) = civil_from_days(days);
     format!("{y:04}-{mo:02}-{d:02}")
-}
-
-/// Howard Hinnant's days-to-civil algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 fn named_queries() -> BTreeMap<String, String> {

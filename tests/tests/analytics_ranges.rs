@@ -5,6 +5,7 @@
 //! its UTC hour overlaps the range, i.e. `toStartOfHour(received_at)` lies in
 //! `[toStartOfHour(from), to]`.
 
+use ingest::limits::calendar::civil_from_days;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -109,19 +110,6 @@ fn date_time(ms: u64) -> String {
         s / 60 % 60,
         s % 60
     )
-}
-
-/// Howard Hinnant's days-to-civil algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// The documented rule.
@@ -355,6 +343,13 @@ async fn panels_cover_exactly_their_range_in_utc_hours() {
             let want = &want[name.as_str()];
             assert_eq!(got.len(), want.len(), "{what}, {name}: {got:?} vs {want:?}");
             for (g, w) in got.iter().zip(want) {
+                assert_eq!(
+                    g.len(),
+                    w.len(),
+                    "{what}, {name}: a row has {} columns, the answer {}: {g:?} vs {w:?}",
+                    g.len(),
+                    w.len()
+                );
                 for (gc, wc) in g.iter().zip(w) {
                     match wc.strip_prefix('=') {
                         Some(f) => {

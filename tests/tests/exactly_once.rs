@@ -815,15 +815,36 @@ async fn a_stalled_member_that_wakes_up_writes_nothing_twice() {
     let scope = Scope::new("eo_stalled", 2).await;
     let mut opts = scope.consumer_options();
     opts.extra_env
-        .push(("CONSUMER_BATCH_MAX_AGE_MS".into(), "1500".into()));
+        .push(("CONSUMER_BATCH_MAX_AGE_MS".into(), "4000".into()));
     let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
     feeder.send(300).await;
     let first = ConsumerProc::start(&opts);
     scope.wait_rows(300, Duration::from_secs(60)).await;
-    // Rows in hand, then frozen.
+    // Rows in hand, then frozen: the member has read the next 200 and not written them.
     feeder.send(200).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(
+        "the first member holds 200 more rows",
+        Duration::from_secs(30),
+        || async {
+            (first.metric("consumer_messages_consumed_total").await >= 500.0).then_some(())
+        },
+    )
+    .await;
+    let handled = |c: &ConsumerProc| {
+        let url = c.url("/metrics");
+        async move {
+            metric_value(&url, "consumer_rows_dropped_unwritten_total").await
+                + metric_value(&url, "consumer_plans_replayed_total").await
+                + metric_value(&url, "consumer_duplicates_skipped_total").await
+        }
+    };
+    let before = handled(&first).await;
     first.proc.signal("STOP");
+    assert_eq!(
+        scope.ch.count(&scope.table).await,
+        300,
+        "the frozen member must hold its rows unwritten (raise the batch age)"
+    );
     let second = ConsumerProc::start(&opts);
     feeder.send(200).await;
     scope.wait_rows(700, Duration::from_secs(90)).await;
@@ -831,7 +852,14 @@ async fn a_stalled_member_that_wakes_up_writes_nothing_twice() {
     // the flush age, and more clicks arrive while it finds out.
     first.proc.signal("CONT");
     feeder.send(200).await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Evidence that it dealt with its stale rows after waking: dropped unwritten (its
+    // partitions had moved), or its flush followed the plans the other member recorded.
+    eventually(
+        "the woken member's stale flush",
+        Duration::from_secs(60),
+        || async { (handled(&first).await > before).then_some(()) },
+    )
+    .await;
     feeder.send(100).await;
     assert_exactly_reported(
         &scope,
@@ -1252,13 +1280,26 @@ async fn a_slow_insert_in_flight_does_not_make_the_consumer_spin() {
     // and are older than the batch age within the window measured below.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     feeder.send(50).await;
+    // The window is only a test of waiting if an insert runs through all of it.
+    let insert_running = || async {
+        let sql = format!(
+            "SELECT count() FROM system.processes WHERE query_kind = 'Insert' \
+             AND current_database = '{}' FORMAT TSV",
+            scope.database
+        );
+        scope.ch.scalar(&sql).await > 0
+    };
+    assert!(
+        insert_running().await,
+        "no insert in flight when the window opens"
+    );
     let pid = consumer.proc.child.id();
     let before = cpu_seconds(pid);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let used = cpu_seconds(pid) - before;
     assert!(
-        scope.ch.count(&scope.table).await < 150,
-        "the slow insert was still in flight while measuring"
+        insert_running().await,
+        "no insert in flight when the window closes"
     );
     assert!(
         used < 0.5,

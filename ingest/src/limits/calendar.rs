@@ -35,8 +35,9 @@ pub fn month_secs(now_ms: u64) -> u64 {
     (days_from_civil(ny, nm, 1) - start) as u64 * 86_400
 }
 
-/// Howard Hinnant's days-to-civil: (year, month 1–12, day 1–31).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+/// Howard Hinnant's days-to-civil: (year, month 1–12, day 1–31) of a day number since
+/// the Unix epoch.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

@@ -313,7 +313,7 @@ async fn start_bare_hyper(wait_ms: Option<u64>) -> (Proc, std::net::SocketAddr) 
 async fn bench_ingest(dir: &Path, script: &Path) {
     println!("\n## ingest (tansu on memory storage; wrk -t2 -c256, 70% JSON / 10% text/plain / 10% gzip / 10% invalid, 10,000 codes of 2,000 accounts on mixed plans; plan limits through the real Redis)\n");
     let (broker, brokers) = private_broker(true).await;
-    let broker_pid = broker.proc.as_ref().map(|p| p.child.id());
+    let broker_pid = broker.pid();
     create_topic(&brokers, "referral_clicks", 8).await;
     let registry = RegistryTopics::for_topic("referral_clicks");
     bench_registry(&brokers, &registry).await;
@@ -665,7 +665,7 @@ async fn hold_ingest_setup(dir: &Path, script: &Path) {
     std::fs::write(&file, text).expect("write");
     println!(
         "broker {brokers} (tansu, memory storage, pid {:?})",
-        broker.proc.as_ref().map(|p| p.child.id())
+        broker.pid()
     );
     println!("ingest environment: source {}", file.display());
     println!(
