@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+/// The consumer's `max.poll.interval.ms` (librdkafka's default, set explicitly): the
+/// flush deadline is validated against it, and `kafka.rs` sets it.
+pub const MAX_POLL_INTERVAL_MS: u64 = 300_000;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "consumer",
@@ -413,11 +417,11 @@ impl Config {
             return Err("CONSUMER_BATCH_MAX_AGE_MS, CONSUMER_INSERT_TIMEOUT_MS: at least 1; CONSUMER_RETRY_MAX_BACKOFF_MS: at least 100".into());
         }
         if self.insert_timeout_ms > self.flush_deadline_ms
-            || self.flush_deadline_ms * 2 > crate::kafka::MAX_POLL_INTERVAL_MS
+            || self.flush_deadline_ms * 2 > MAX_POLL_INTERVAL_MS
         {
             return Err(format!(
                 "CONSUMER_FLUSH_DEADLINE_MS: at least CONSUMER_INSERT_TIMEOUT_MS and at most {} (half of max.poll.interval.ms)",
-                crate::kafka::MAX_POLL_INTERVAL_MS / 2
+                MAX_POLL_INTERVAL_MS / 2
             ));
         }
         if self.insert_concurrency == 0 {

@@ -13,7 +13,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext};
 
-use crate::config::Config;
+use crate::config::{Config, MAX_POLL_INTERVAL_MS};
 use shared::metric_names as m;
 
 /// What a rebalance did, as seen by the loop after `recv()` returns.
@@ -165,9 +165,6 @@ pub(crate) fn client_config(config: &Config) -> ClientConfig {
     }
     cc
 }
-
-/// librdkafka's default, set explicitly because the flush deadline is validated against it.
-pub const MAX_POLL_INTERVAL_MS: u64 = 300_000;
 
 pub fn consumer(config: &Config) -> rdkafka::error::KafkaResult<Consumer> {
     let context = Context {

@@ -15,6 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use strum::EnumCount as _;
 
 use bytes::Bytes;
 use futures::FutureExt;
@@ -367,8 +368,9 @@ fn ip_text(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
     &buf[..buf.len() - left]
 }
 
-/// The routes, as the metrics label them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The routes, as the metrics label them. `Route::COUNT` (derived) sizes the per-route
+/// metric handles, which are indexed by the variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumCount)]
 enum Route {
     Click,
     Metrics,
@@ -378,8 +380,6 @@ enum Route {
 }
 
 impl Route {
-    const ALL: usize = 5;
-
     fn of(path: &str) -> Self {
         match path {
             CLICK_PATH => Self::Click,
@@ -409,8 +409,8 @@ const STATUSES: [u16; 11] = [200, 204, 400, 404, 405, 408, 413, 415, 429, 500, 5
 /// label cost a `to_string`). Series appear on first use, as before.
 #[derive(Default)]
 struct HttpMetrics {
-    requests: [[OnceLock<Counter>; STATUSES.len()]; Route::ALL],
-    durations: [OnceLock<Histogram>; Route::ALL],
+    requests: [[OnceLock<Counter>; STATUSES.len()]; Route::COUNT],
+    durations: [OnceLock<Histogram>; Route::COUNT],
     accepted: OnceLock<Counter>,
 }
 
