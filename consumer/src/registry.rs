@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use clickhouse::Row;
 use futures::stream::{FuturesUnordered, StreamExt};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -156,11 +157,34 @@ fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
         .create()?)
 }
 
+/// A progress bar on stderr for a long command. indicatif draws it only when stderr is a
+/// terminal: in a script, a pipe or a log nothing is printed.
+fn progress(len: usize, what: &'static str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>22} {wide_bar} {human_pos}/{human_len} ({eta})")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what);
+    bar
+}
+
 /// Publishes every message and returns once the broker acknowledged all of them.
 async fn publish_all(
     config: &Config,
     topic: &str,
     messages: Vec<(String, Option<Vec<u8>>)>,
+) -> anyhow::Result<()> {
+    publish_all_with(config, topic, messages, &ProgressBar::hidden()).await
+}
+
+/// [`publish_all`], counting acknowledged messages on `acked`.
+async fn publish_all_with(
+    config: &Config,
+    topic: &str,
+    messages: Vec<(String, Option<Vec<u8>>)>,
+    acked: &ProgressBar,
 ) -> anyhow::Result<()> {
     let producer = producer(config)?;
     let mut in_flight = FuturesUnordered::new();
@@ -176,13 +200,16 @@ async fn publish_all(
             if let Some(Err((e, _))) = in_flight.next().await {
                 bail!("the broker did not take a message of {topic}: {e}");
             }
+            acked.inc(1);
         }
     }
     while let Some(result) = in_flight.next().await {
         if let Err((e, _)) = result {
             bail!("the broker did not take a message of {topic}: {e}");
         }
+        acked.inc(1);
     }
+    acked.finish();
     tracing::info!(topic, messages = total, "registry messages acknowledged");
     Ok(())
 }
@@ -288,14 +315,18 @@ pub async fn codes(config: &Config, cmd: CodesCommand) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let accounts = current_accounts(config).await?;
-            let lines =
-                parse_csv(config, &text, |a| accounts.contains_key(a)).map_err(|errors| {
+            let checked = progress(text.lines().count(), "lines checked");
+            let lines = parse_csv(config, &text, |a| accounts.contains_key(a), &checked).map_err(
+                |errors| {
+                    checked.abandon();
                     anyhow!(
                         "{}: nothing written:\n{}",
                         file.display(),
                         errors.join("\n")
                     )
-                })?;
+                },
+            )?;
+            checked.finish();
             let count = lines.len();
             let messages = lines
                 .into_iter()
@@ -306,7 +337,8 @@ pub async fn codes(config: &Config, cmd: CodesCommand) -> anyhow::Result<()> {
                     )
                 })
                 .collect();
-            publish_all(config, &config.codes_topic, messages).await?;
+            let acked = progress(count, "messages acknowledged");
+            publish_all_with(config, &config.codes_topic, messages, &acked).await?;
             println!("{count} codes imported from {}", file.display());
         }
     }
@@ -319,11 +351,15 @@ fn parse_csv(
     config: &Config,
     text: &str,
     account_exists: impl Fn(&str) -> bool,
+    checked: &ProgressBar,
 ) -> Result<Vec<(String, String)>, Vec<String>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
+        if n % 4096 == 0 {
+            checked.set_position(n as u64);
+        }
         let line = line.trim();
         if line.is_empty() || (n == 1 && line.eq_ignore_ascii_case("code,account")) {
             continue;
@@ -662,6 +698,7 @@ mod tests {
             &config,
             "code,account\nA1B2C3D4E5F6,acct_1\n\n b1b2c3d4e5f6 , acct_1\n",
             exists,
+            &ProgressBar::hidden(),
         )
         .expect("valid");
         assert_eq!(
@@ -671,7 +708,7 @@ mod tests {
                 ("B1B2C3D4E5F6".to_owned(), "acct_1".to_owned())
             ]
         );
-        let errors = parse_csv(&config, "A1B2C3D4E5F6,acct_1\nSHORT,acct_1\nA1B2C3D4E5F7,acct_9\nA1B2C3D4E5F8\nA1B2C3D4E5F9,a,b\n", exists)
+        let errors = parse_csv(&config, "A1B2C3D4E5F6,acct_1\nSHORT,acct_1\nA1B2C3D4E5F7,acct_9\nA1B2C3D4E5F8\nA1B2C3D4E5F9,a,b\n", exists, &ProgressBar::hidden())
             .expect_err("bad lines");
         assert_eq!(errors.len(), 4, "{errors:?}");
         assert!(

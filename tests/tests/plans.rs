@@ -240,6 +240,11 @@ async fn registry_commands_are_in_force_on_a_running_ingest_within_two_seconds()
         .await;
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("500 codes imported"), "{out}");
+    // Not on a terminal: no progress bars in a script's output.
+    assert!(
+        !out.contains("lines checked") && !out.contains("acknowledged"),
+        "progress printed off a terminal: {out}"
+    );
     let returned = Instant::now();
     loop {
         if metric_value(&metrics, "ingest_registry_codes").await >= codes_before + 500.0 {
@@ -328,6 +333,47 @@ async fn registry_commands_are_in_force_on_a_running_ingest_within_two_seconds()
 /// A new ingest loads the codes from the consumer's ClickHouse mirror and reads only the
 /// topic's tail, ending in the state a full read gives; a mirror that does not fit the
 /// topic (offsets it lacks) is not used.
+/// `codes import` of many lines shows its progress on a terminal (lines checked, messages
+/// acknowledged); off a terminal it stays quiet (checked in the test above).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_import_shows_progress_on_a_terminal() {
+    let scope = Scope::new("plans_progress", 2).await;
+    let plans = test_catalogue();
+    let (status, out) = scope
+        .consumer_command(
+            &["accounts", "set", "acct_tty", "--plan", TEST_PLAN],
+            &plans,
+        )
+        .await;
+    assert_eq!(status, 0, "{out}");
+    let csv = std::env::temp_dir().join(format!("{}.csv", unique("import_tty")));
+    let lines: String = (0..20_000)
+        .map(|i| format!("TTY{i:09},acct_tty\n"))
+        .collect();
+    std::fs::write(&csv, lines).expect("csv");
+    let (status, screen) = scope
+        .consumer_command_on_terminal(&["codes", "import", &csv.display().to_string()], &plans)
+        .await;
+    assert_eq!(status, 0, "{screen}");
+    for shown in [
+        "lines checked",
+        "messages acknowledged",
+        "20,000/20,000",
+        "20000 codes imported",
+    ] {
+        assert!(
+            screen.contains(shown),
+            "the terminal did not show {shown:?}: {screen}"
+        );
+    }
+    let codes = read_whole_topic(
+        &scope.brokers,
+        &scope.registry.codes,
+        Duration::from_secs(30),
+    );
+    assert!(codes.len() >= 20_000, "{} messages", codes.len());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_ingest_loads_the_codes_from_clickhouse_and_reads_only_the_tail() {
     let scope = Scope::new("plans_snapshot", 2).await;
@@ -540,7 +586,10 @@ async fn plan_limits_hold_across_three_ingest_instances() {
         let url = i.url("/metrics");
         eventually("3 instances in Redis", Duration::from_secs(10), || {
             let url = url.clone();
-            async move { (metric_value(&url, "ingest_limits_instances").await >= 3.0).then_some(()) }
+            // The gauge appears with the first heartbeat: absent means not yet.
+            async move {
+                (metric_or_zero(&url, "ingest_limits_instances", "").await >= 3.0).then_some(())
+            }
         })
         .await;
     }
