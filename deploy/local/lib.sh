@@ -20,9 +20,11 @@ REDIS_PORT=${LOCAL_REDIS_PORT:-6379}
 INGEST_PORT=${LOCAL_INGEST_PORT:-8080}
 CONSUMER_PORT=${LOCAL_CONSUMER_PORT:-9101}
 TANSU_VERSION=0.6.0
-# ClickHouse 26.9 engine from PyPI (see deploy/local/clickhouse/serve.py); pinned.
+# ClickHouse 26.9 engine from PyPI (see deploy/local/clickhouse/serve.py); pinned. Its
+# virtual environment (~890 MB) is a per-user cache shared by every clone of the repository,
+# named after the version, so a fresh clone does not install it again.
 CHDB_VERSION=26.9.0
-CHDB_VENV=${LOCAL_CHDB_VENV:-$STATE/chdb-venv}
+CHDB_VENV=${LOCAL_CHDB_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/referral-pipeline/chdb-venv-$CHDB_VERSION}
 
 KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
 CLICKHOUSE_URL=http://127.0.0.1:$CH_HTTP_PORT
@@ -70,13 +72,14 @@ install_tansu() {
   cargo install tansu --version "$TANSU_VERSION" --locked --features libsql,dynostore --quiet
 }
 
-# ClickHouse 26.9: chdb-core in a virtual environment under .local/ (~890 MB, ~45 s once).
+# ClickHouse 26.9: chdb-core in a virtual environment in the user's cache (~890 MB, ~45 s once).
 install_clickhouse() {
   local have
   have=$("$CHDB_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("chdb-core"))' 2>/dev/null || true)
   [ "$have" = "$CHDB_VERSION" ] && return 0
   command -v python3 >/dev/null 2>&1 || die "python3 is needed to run ClickHouse (chdb-core)"
   log "installing ClickHouse $CHDB_VERSION (PyPI chdb-core) into $CHDB_VENV (about 45 s, once)"
+  mkdir -p "$(dirname "$CHDB_VENV")"
   [ -x "$CHDB_VENV/bin/python" ] || python3 -m venv "$CHDB_VENV" \
     || { apt_install_pkgs python3-venv && python3 -m venv "$CHDB_VENV"; } \
     || die "could not create a Python virtual environment in $CHDB_VENV"

@@ -156,12 +156,9 @@ pub struct PrivateClickHouse {
 
 impl PrivateClickHouse {
     pub async fn start() -> Self {
-        let python = std::env::var("E2E_CHDB_PYTHON").unwrap_or_else(|_| {
-            format!(
-                "{}/../.local/chdb-venv/bin/python",
-                env!("CARGO_MANIFEST_DIR")
-            )
-        });
+        let python = std::env::var("E2E_CHDB_PYTHON").expect(
+            "E2E_CHDB_PYTHON: the Python of the chdb-core environment (deploy/local/test sets it)",
+        );
         let deploy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/clickhouse");
         let dir = std::env::temp_dir().join(unique("clickhouse"));
         for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
