@@ -267,6 +267,110 @@ struct Inner {
 }
 
 impl Inner {
+    /// What a lease answer does to the account's state (under its lock): the spends it
+    /// carried are settled, what the store said of the day and month is remembered, a
+    /// grant becomes the lease in hand, the next one, or (answered too late) a give-back,
+    /// and a refusal is cached until it can next pass (day and month limits: the next
+    /// period plus `jitter_ms`). Pure: the clock and the jitter come from the caller.
+    fn apply_answer(
+        &mut self,
+        answer: LeaseAnswer,
+        sent_spends: Option<&LocalSpends>,
+        limits: AccountLimits,
+        now_ms: u64,
+        answered_ms: u64,
+        jitter_ms: u64,
+    ) {
+        if let Some(sent) = sent_spends {
+            if self.local.first().is_some_and(|g| g.day == sent.day) {
+                // Spends refunded or added after the copy was sent stay for next time.
+                let g = &mut self.local[0];
+                for (slot, n) in &sent.slots {
+                    if let Some(c) = g.slots.get_mut(slot) {
+                        *c -= (*n).min(*c);
+                    }
+                }
+                g.slots.retain(|_, c| *c > 0);
+                g.total -= sent.total.min(g.total);
+                if g.total == 0 {
+                    self.local.remove(0);
+                }
+            }
+        }
+        let (day_used, month_used) = match answer {
+            LeaseAnswer::Granted {
+                day_used,
+                month_used,
+                ..
+            }
+            | LeaseAnswer::Refused {
+                day_used,
+                month_used,
+                ..
+            } => (day_used, month_used),
+        };
+        self.seen = Seen {
+            at_ms: now_ms,
+            day: calendar::day(now_ms),
+            day_used,
+            month: calendar::month(now_ms),
+            month_used,
+            local_day: 0,
+            local_month: 0,
+        };
+        match answer {
+            LeaseAnswer::Granted { tokens, .. } if tokens > 0 => {
+                let expires_ms = now_ms + LEASE_MS.min(calendar::ms_to_next_day(now_ms));
+                let lease = Lease {
+                    left: tokens,
+                    granted: tokens,
+                    expires_ms,
+                    slot: now_ms / 1000,
+                    day: calendar::day(now_ms),
+                    month: calendar::month(now_ms),
+                    serial: self.serial + 1,
+                };
+                self.serial += 1;
+                self.refused = None;
+                self.retire_lease(answered_ms);
+                if answered_ms >= expires_ms {
+                    // Too late to spend: straight back with the next call.
+                    self.give_back.push(GiveBack {
+                        slot: lease.slot,
+                        day: lease.day,
+                        month: lease.month,
+                        tokens,
+                    });
+                } else if self.lease.left > 0 && self.next.left == 0 {
+                    // Asked for ahead of need: it takes over when the lease in hand
+                    // is spent or expires.
+                    self.next = lease;
+                } else {
+                    self.lease = lease;
+                }
+            }
+            LeaseAnswer::Granted { .. } => {}
+            LeaseAnswer::Refused {
+                limit,
+                retry_after_ms,
+                ..
+            } => {
+                let retry_at_ms = now_ms
+                    + match limit {
+                        Limit::DailyCap => calendar::ms_to_next_day(now_ms) + jitter_ms,
+                        Limit::MonthlyCredits => calendar::ms_to_next_month(now_ms) + jitter_ms,
+                        Limit::PlanRate | Limit::Ip => retry_after_ms,
+                    };
+                self.refused = Some(CachedRefusal {
+                    until_ms: retry_at_ms.min(now_ms + REFUSAL_REUSE_MS),
+                    retry_at_ms,
+                    limit,
+                    limits,
+                });
+            }
+        }
+    }
+
     /// Why the lease in hand has no token for a click now (after [`Inner::take_token`]
     /// failed): the metric label of the click's wait.
     fn empty_because(&self, now_ms: u64) -> &'static str {
@@ -768,96 +872,14 @@ impl<S: QuotaStore> PlanLimiter<S> {
                 if took > self.options.wait_budget * SLOW_FACTOR {
                     self.set_degraded(true, "slow");
                 }
-                if let Some(sent) = &spends {
-                    if s.local.first().is_some_and(|g| g.day == sent.day) {
-                        // Spends refunded or added after the copy was sent stay for next time.
-                        let g = &mut s.local[0];
-                        for (slot, n) in &sent.slots {
-                            if let Some(c) = g.slots.get_mut(slot) {
-                                *c -= (*n).min(*c);
-                            }
-                        }
-                        g.slots.retain(|_, c| *c > 0);
-                        g.total -= sent.total.min(g.total);
-                        if g.total == 0 {
-                            s.local.remove(0);
-                        }
-                    }
-                }
-                let (day_used, month_used) = match answer {
-                    LeaseAnswer::Granted {
-                        day_used,
-                        month_used,
-                        ..
-                    }
-                    | LeaseAnswer::Refused {
-                        day_used,
-                        month_used,
-                        ..
-                    } => (day_used, month_used),
-                };
-                s.seen = Seen {
-                    at_ms: now_ms,
-                    day: calendar::day(now_ms),
-                    day_used,
-                    month: calendar::month(now_ms),
-                    month_used,
-                    local_day: 0,
-                    local_month: 0,
-                };
-                match answer {
-                    LeaseAnswer::Granted { tokens, .. } if tokens > 0 => {
-                        let expires_ms = now_ms + LEASE_MS.min(calendar::ms_to_next_day(now_ms));
-                        let lease = Lease {
-                            left: tokens,
-                            granted: tokens,
-                            expires_ms,
-                            slot: now_ms / 1000,
-                            day: calendar::day(now_ms),
-                            month: calendar::month(now_ms),
-                            serial: s.serial + 1,
-                        };
-                        s.serial += 1;
-                        s.refused = None;
-                        s.retire_lease(answered_ms);
-                        if answered_ms >= expires_ms {
-                            // Too late to spend: straight back with the next call.
-                            s.give_back.push(GiveBack {
-                                slot: lease.slot,
-                                day: lease.day,
-                                month: lease.month,
-                                tokens,
-                            });
-                        } else if s.lease.left > 0 && s.next.left == 0 {
-                            // Asked for ahead of need: it takes over when the lease in hand
-                            // is spent or expires.
-                            s.next = lease;
-                        } else {
-                            s.lease = lease;
-                        }
-                    }
-                    LeaseAnswer::Granted { .. } => {}
-                    LeaseAnswer::Refused {
-                        limit,
-                        retry_after_ms,
-                        ..
-                    } => {
-                        let retry_at_ms = now_ms
-                            + match limit {
-                                Limit::DailyCap => calendar::ms_to_next_day(now_ms) + jitter_ms(),
-                                Limit::MonthlyCredits => {
-                                    calendar::ms_to_next_month(now_ms) + jitter_ms()
-                                }
-                                Limit::PlanRate | Limit::Ip => retry_after_ms,
-                            };
-                        s.refused = Some(CachedRefusal {
-                            until_ms: retry_at_ms.min(now_ms + REFUSAL_REUSE_MS),
-                            retry_at_ms,
-                            limit,
-                            limits,
-                        });
-                    }
-                }
+                s.apply_answer(
+                    answer,
+                    spends.as_ref(),
+                    limits,
+                    now_ms,
+                    answered_ms,
+                    jitter_ms(),
+                );
             }
             Ok(Err(e)) => {
                 counted("error");

@@ -430,3 +430,101 @@ async fn a_steady_account_never_waits_for_a_lease_and_a_quiet_one_stops_asking()
         at_5s - calls_during_clicks
     );
 }
+
+fn granted(tokens: u32, day_used: u64, month_used: u64) -> LeaseAnswer {
+    LeaseAnswer::Granted {
+        tokens,
+        day_used,
+        month_used,
+    }
+}
+
+const LIMITS: AccountLimits = AccountLimits {
+    rate_per_minute: 60,
+    daily_cap: Some(100),
+    monthly: Some(1000),
+};
+
+#[test]
+fn a_grant_becomes_the_lease_or_the_next_one_or_goes_back_when_too_late() {
+    let mut s = Inner::default();
+    s.apply_answer(granted(5, 5, 5), None, LIMITS, T0, T0 + 3, 0);
+    assert_eq!((s.lease.left, s.lease.expires_ms), (5, T0 + LEASE_MS));
+    assert_eq!((s.seen.day_used, s.seen.month_used), (5, 5));
+    // Asked for ahead of need while tokens are left: it waits as the next lease.
+    s.apply_answer(granted(7, 12, 12), None, LIMITS, T0 + 500, T0 + 510, 0);
+    assert_eq!((s.lease.left, s.next.left), (5, 7));
+    assert!(s.next.serial > s.lease.serial);
+    // An answer that arrives after its lease would have expired goes straight back.
+    s.apply_answer(
+        granted(4, 16, 16),
+        None,
+        LIMITS,
+        T0 + 600,
+        T0 + 600 + LEASE_MS,
+        0,
+    );
+    let back = s.give_back.last().expect("given back");
+    assert_eq!((back.tokens, back.slot), (4, (T0 + 600) / 1000));
+    // A grant of nothing changes no lease, but what the store said is kept.
+    let before = (s.lease.left, s.next.left, s.serial);
+    s.apply_answer(granted(0, 16, 16), None, LIMITS, T0 + 700, T0 + 701, 0);
+    assert_eq!((s.lease.left, s.next.left, s.serial), before);
+    assert_eq!(s.seen.at_ms, T0 + 700);
+}
+
+#[test]
+fn a_refusal_is_cached_until_it_can_pass_and_reused_at_most_a_second() {
+    let mut s = Inner::default();
+    let refused = |limit, retry_after_ms| LeaseAnswer::Refused {
+        limit,
+        retry_after_ms,
+        day_used: 100,
+        month_used: 500,
+    };
+    s.apply_answer(refused(Limit::PlanRate, 4200), None, LIMITS, T0, T0, 0);
+    let r = s.refused.expect("cached");
+    assert_eq!(
+        (r.retry_at_ms, r.until_ms),
+        (T0 + 4200, T0 + REFUSAL_REUSE_MS)
+    );
+    // The daily cap: retry at the next UTC midnight plus the jitter.
+    s.apply_answer(refused(Limit::DailyCap, 0), None, LIMITS, T0, T0, 3000);
+    let r = s.refused.expect("cached");
+    assert_eq!(r.retry_at_ms, T0 + calendar::ms_to_next_day(T0) + 3000);
+    assert_eq!(r.limit, Limit::DailyCap);
+    // A grant clears it.
+    s.apply_answer(granted(1, 100, 500), None, LIMITS, T0 + 10, T0 + 11, 0);
+    assert!(s.refused.is_none());
+}
+
+#[test]
+fn spends_the_answer_carried_are_settled_and_later_ones_stay() {
+    let day = calendar::day(T0);
+    let month = calendar::month(T0);
+    let mut s = Inner::default();
+    s.local.push(LocalSpends {
+        day,
+        month,
+        slots: std::collections::BTreeMap::from([(T0 / 1000, 3), (T0 / 1000 + 1, 2)]),
+        total: 5,
+    });
+    // The call carried the first 3; 2 more were accepted alone while it was in flight.
+    let sent = LocalSpends {
+        day,
+        month,
+        slots: std::collections::BTreeMap::from([(T0 / 1000, 3)]),
+        total: 3,
+    };
+    s.apply_answer(granted(1, 9, 9), Some(&sent), LIMITS, T0, T0 + 1, 0);
+    assert_eq!(s.local.len(), 1);
+    assert_eq!(s.local[0].total, 2);
+    assert_eq!(
+        s.local[0].slots,
+        std::collections::BTreeMap::from([(T0 / 1000 + 1, 2)])
+    );
+    // Settling the rest empties the list.
+    let rest = s.local[0].clone();
+    s.apply_answer(granted(1, 10, 10), Some(&rest), LIMITS, T0 + 2, T0 + 3, 0);
+    assert!(s.local.is_empty());
+}
