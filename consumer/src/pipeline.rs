@@ -730,8 +730,9 @@ impl Flusher {
         Ok(routes)
     }
 
-    /// Invariant 2: each agreed plan in one INSERT under its token (or its group's), several
-    /// inserts at once. Plans that went in are completed even when another insert failed.
+    /// Inserts the agreed plans: finds which rows of old replays are stored already,
+    /// builds the inserts (a group's plans in one, under its token), runs them at most
+    /// `CONSUMER_INSERT_CONCURRENCY` at a time, and accounts for the results.
     async fn insert_agreed_plans(
         &self,
         partitions: &mut Partitions,
@@ -747,72 +748,82 @@ impl Flusher {
                 }
             }
         };
-        let topic = self.config.kafka_topic.clone();
-        let mut jobs: Vec<InsertJob> = Vec::new();
-        let mut grouped: HashMap<String, usize> = HashMap::new();
-        let mut error = None;
-        let mut waiting = false;
-        for state in partitions.values() {
-            let Some((range, rows, replayed_age_ms)) = state.agreed() else {
-                continue;
-            };
-            let route = routes.get(&state.partition).unwrap_or(&Route::Wait);
-            if *route == Route::Wait {
-                waiting = true;
-                metrics::counter!(m::PLAN_GROUP_WAITS_TOTAL).increment(1);
-                continue;
-            }
-            if replayed_age_ms.is_some() {
-                metrics::counter!(m::PLANS_REPLAYED_TOTAL).increment(1);
-            }
-            let mut stored = HashSet::new();
-            match route {
-                Route::Alone { check_stored: true } => {
-                    let received = rows.fold((u32::MAX, 0), |(lo, hi), r| {
-                        (lo.min(r.received_at), hi.max(r.received_at))
-                    });
-                    match self.writer.stored_in_plan(&topic, range, received).await {
-                        Ok(found) => stored.extend(found),
-                        Err(e) => {
-                            error = Some(e.into());
-                            continue;
+        let topic = &self.config.kafka_topic;
+        let (stored, mut error) = self.stored_rows(partitions, &routes).await;
+        let plan = plan_inserts(topic, partitions, &routes, &stored);
+        plan.count();
+        let results = self.run_inserts(partitions, &plan.jobs).await;
+        let mut completed = Vec::new();
+        for (job, result, took) in results {
+            match result {
+                Ok(rows) => {
+                    metrics::histogram!(m::INSERT_DURATION).record(took.as_secs_f64());
+                    metrics::histogram!(m::BATCH_ROWS).record(rows as f64);
+                    metrics::counter!(m::INSERTED_ROWS_TOTAL).increment(rows as u64);
+                    for (partition, _) in &plan.jobs[job].plans {
+                        if let Some(next) = partitions
+                            .get_mut(partition)
+                            .and_then(PartitionState::complete)
+                        {
+                            completed.push((*partition, next));
                         }
                     }
                 }
-                Route::Alone { .. } | Route::Group(_) | Route::Wait => {}
-            }
-            let flags = state.rows_to_send(&stored);
-            let skipped_stored = stored.len();
-            let skipped_repeat =
-                flags.iter().filter(|send| !**send).count() - skipped_stored.min(flags.len());
-            if skipped_stored > 0 {
-                metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "already_stored")
-                    .increment(skipped_stored as u64);
-            }
-            if skipped_repeat > 0 {
-                metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "same_click_id")
-                    .increment(skipped_repeat as u64);
-            }
-            match route {
-                Route::Group(group) => match grouped.get(&group.id) {
-                    Some(&job) => jobs[job].plans.push((state.partition, flags)),
-                    None => {
-                        grouped.insert(group.id.clone(), jobs.len());
-                        jobs.push(InsertJob {
-                            plans: vec![(state.partition, flags)],
-                            token: group.token(&topic),
-                        });
-                    }
-                },
-                _ => jobs.push(InsertJob {
-                    plans: vec![(state.partition, flags)],
-                    token: range.token(&topic),
-                }),
+                Err(e) => error = Some(e.into()),
             }
         }
+        InsertOutcome {
+            completed,
+            waiting: plan.waiting,
+            error,
+        }
+    }
 
+    /// The rows already stored of each plan routed `Alone { check_stored: true }` (another
+    /// member's old plan, which may have left the server's deduplication window). A
+    /// partition whose check failed is left out of this flush, with the error.
+    async fn stored_rows(
+        &self,
+        partitions: &Partitions,
+        routes: &BTreeMap<i32, Route>,
+    ) -> (StoredRows, Option<FlushError>) {
+        let mut stored = StoredRows::new();
+        let mut error = None;
+        for state in partitions.values() {
+            let Some((range, rows, _)) = state.agreed() else {
+                continue;
+            };
+            if routes.get(&state.partition) != Some(&Route::Alone { check_stored: true }) {
+                continue;
+            }
+            let received = rows.fold((u32::MAX, 0), |(lo, hi), r| {
+                (lo.min(r.received_at), hi.max(r.received_at))
+            });
+            match self
+                .writer
+                .stored_in_plan(&self.config.kafka_topic, range, received)
+                .await
+            {
+                Ok(found) => {
+                    stored.insert(state.partition, found.into_iter().collect());
+                }
+                Err(e) => {
+                    stored.insert(state.partition, StoredCheck::Failed);
+                    error = Some(e.into());
+                }
+            }
+        }
+        (stored, error)
+    }
+
+    /// Runs the inserts, at most `CONSUMER_INSERT_CONCURRENCY` at once: per job, its
+    /// index, the result and how long it took.
+    async fn run_inserts(
+        &self,
+        agreed: &Partitions,
+        jobs: &[InsertJob],
+    ) -> Vec<(usize, clickhouse::error::Result<usize>, Duration)> {
         let writer = &self.writer;
-        let agreed = &*partitions;
         type Job<'a> = std::pin::Pin<
             Box<
                 dyn std::future::Future<
@@ -835,36 +846,10 @@ impl Flusher {
                 })
             })
             .collect();
-        let results: Vec<(usize, clickhouse::error::Result<usize>, Duration)> =
-            futures::stream::iter(inserts)
-                .buffer_unordered(self.config.insert_concurrency)
-                .collect()
-                .await;
-
-        let mut completed = Vec::new();
-        for (job, result, took) in results {
-            match result {
-                Ok(rows) => {
-                    metrics::histogram!(m::INSERT_DURATION).record(took.as_secs_f64());
-                    metrics::histogram!(m::BATCH_ROWS).record(rows as f64);
-                    metrics::counter!(m::INSERTED_ROWS_TOTAL).increment(rows as u64);
-                    for (partition, _) in &jobs[job].plans {
-                        if let Some(next) = partitions
-                            .get_mut(partition)
-                            .and_then(PartitionState::complete)
-                        {
-                            completed.push((*partition, next));
-                        }
-                    }
-                }
-                Err(e) => error = Some(e.into()),
-            }
-        }
-        InsertOutcome {
-            completed,
-            waiting,
-            error,
-        }
+        futures::stream::iter(inserts)
+            .buffer_unordered(self.config.insert_concurrency)
+            .collect()
+            .await
     }
 
     /// Commits `hi + 1` of every stored plan. A failed commit is harmless: the next reader
@@ -894,7 +879,102 @@ struct InsertOutcome {
     error: Option<FlushError>,
 }
 
+/// What the stored-rows check found for a partition's plan.
+#[derive(Debug, PartialEq, Eq)]
+enum StoredCheck {
+    Found(HashSet<(u64, String)>),
+    /// The check failed: the plan sits this flush out.
+    Failed,
+}
+
+impl FromIterator<(u64, String)> for StoredCheck {
+    fn from_iter<I: IntoIterator<Item = (u64, String)>>(rows: I) -> Self {
+        Self::Found(rows.into_iter().collect())
+    }
+}
+
+type StoredRows = HashMap<i32, StoredCheck>;
+
+/// The inserts of a flush, and what building them found (counted by [`Self::count`]).
+#[derive(Debug, Default)]
+struct InsertPlan {
+    jobs: Vec<InsertJob>,
+    /// A plan waits for its group (see "Plan groups").
+    waiting: bool,
+    group_waits: u64,
+    replayed: u64,
+    skipped_stored: u64,
+    skipped_repeat: u64,
+}
+
+impl InsertPlan {
+    fn count(&self) {
+        metrics::counter!(m::PLAN_GROUP_WAITS_TOTAL).increment(self.group_waits);
+        metrics::counter!(m::PLANS_REPLAYED_TOTAL).increment(self.replayed);
+        metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "already_stored")
+            .increment(self.skipped_stored);
+        metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "same_click_id")
+            .increment(self.skipped_repeat);
+    }
+}
+
+/// Builds a flush's inserts from its agreed plans (pure): a plan routed to a group joins
+/// the group's insert under the group's token, any other goes alone under its own; rows
+/// stored already or repeating a click id are flagged not to be sent.
+fn plan_inserts(
+    topic: &str,
+    partitions: &Partitions,
+    routes: &BTreeMap<i32, Route>,
+    stored: &StoredRows,
+) -> InsertPlan {
+    let mut plan = InsertPlan::default();
+    let mut grouped: HashMap<&str, usize> = HashMap::new();
+    let none = HashSet::new();
+    for state in partitions.values() {
+        let Some((range, _, replayed_age_ms)) = state.agreed() else {
+            continue;
+        };
+        let route = routes.get(&state.partition).unwrap_or(&Route::Wait);
+        if *route == Route::Wait {
+            plan.waiting = true;
+            plan.group_waits += 1;
+            continue;
+        }
+        let stored = match stored.get(&state.partition) {
+            Some(StoredCheck::Failed) => continue,
+            Some(StoredCheck::Found(rows)) => rows,
+            None => &none,
+        };
+        if replayed_age_ms.is_some() {
+            plan.replayed += 1;
+        }
+        let flags = state.rows_to_send(stored);
+        let skipped_stored = stored.len();
+        plan.skipped_stored += skipped_stored as u64;
+        plan.skipped_repeat +=
+            (flags.iter().filter(|send| !**send).count() - skipped_stored.min(flags.len())) as u64;
+        match route {
+            Route::Group(group) => match grouped.get(group.id.as_str()) {
+                Some(&job) => plan.jobs[job].plans.push((state.partition, flags)),
+                None => {
+                    grouped.insert(&group.id, plan.jobs.len());
+                    plan.jobs.push(InsertJob {
+                        plans: vec![(state.partition, flags)],
+                        token: group.token(topic),
+                    });
+                }
+            },
+            _ => plan.jobs.push(InsertJob {
+                plans: vec![(state.partition, flags)],
+                token: range.token(topic),
+            }),
+        }
+    }
+    plan
+}
+
 /// One INSERT: plans (partition, which of its rows to send) under one token.
+#[derive(Debug)]
 struct InsertJob {
     plans: Vec<(i32, Vec<bool>)>,
     token: String,
@@ -982,6 +1062,87 @@ mod tests {
         let mut out: Vec<Vec<i32>> = by_id.into_values().collect();
         out.sort();
         out
+    }
+
+    fn agreed_state(partition: i32, rows: i64) -> PartitionState {
+        let mut s = PartitionState::new(partition, RecentIds::new(60_000, 100));
+        for o in 0..rows {
+            let id = format!("refclk_{partition}_{o}");
+            let row = ClickRow {
+                click_id: id.clone(),
+                code: "A1B2C3D4E5F6".into(),
+                landing_path: String::new(),
+                utm_source: String::new(),
+                utm_medium: String::new(),
+                utm_campaign: String::new(),
+                ip_hash: [0; 32],
+                ua_hash: [0; 32],
+                key_id: "k1".into(),
+                is_bot: 0,
+                received_at: 0,
+                received_at_ms: 1000,
+                kafka_topic: "t".into(),
+                kafka_partition: partition as u16,
+                kafka_offset: o as u64,
+                account_id: "acct_1".into(),
+            };
+            s.push(o, message_hash(None, id.as_bytes()), Some(row));
+        }
+        let range = s.propose().expect("plan");
+        let ours = RecordedPlan {
+            range,
+            member: "me".into(),
+            planned_at_ms: 0,
+            group: None,
+        };
+        assert_eq!(s.agree(&[ours], "me", 0), Agreement::Agreed);
+        s
+    }
+
+    #[test]
+    fn inserts_are_planned_by_route_with_stored_rows_left_out() {
+        let partitions: Partitions = (0..5).map(|p| (p, agreed_state(p, 3))).collect();
+        let group = PlanGroup {
+            id: "g".repeat(32),
+            starts: vec![(0, 0), (1, 0)],
+        };
+        let routes: BTreeMap<i32, Route> = [
+            (0, Route::Group(group.clone())),
+            (1, Route::Group(group.clone())),
+            (2, Route::Alone { check_stored: true }),
+            (3, Route::Wait),
+            (4, Route::Alone { check_stored: true }),
+        ]
+        .into_iter()
+        .collect();
+        let stored: StoredRows = [
+            (2, [(0, "refclk_2_0".to_owned())].into_iter().collect()),
+            (4, StoredCheck::Failed),
+        ]
+        .into_iter()
+        .collect();
+        let plan = plan_inserts("t", &partitions, &routes, &stored);
+        // The group's plans in one insert under its token; partition 2 alone under its own,
+        // without its stored first row; 3 waits for its group; 4's check failed.
+        assert_eq!(plan.jobs.len(), 2, "{plan:?}");
+        assert_eq!(plan.jobs[0].token, group.token("t"));
+        assert_eq!(
+            plan.jobs[0].plans,
+            vec![(0, vec![true; 3]), (1, vec![true; 3])]
+        );
+        let range2 = partitions[&2].agreed().expect("agreed").0;
+        assert_eq!(plan.jobs[1].token, range2.token("t"));
+        assert_eq!(plan.jobs[1].plans, vec![(2, vec![false, true, true])]);
+        assert!(plan.waiting);
+        assert_eq!(
+            (plan.group_waits, plan.skipped_stored, plan.skipped_repeat),
+            (1, 1, 0)
+        );
+        let rows: Vec<&str> = rows_to_insert(&partitions, &plan.jobs[1].plans)
+            .iter()
+            .map(|r| r.click_id.as_str())
+            .collect();
+        assert_eq!(rows, ["refclk_2_1", "refclk_2_2"]);
     }
 
     #[test]
