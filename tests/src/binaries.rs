@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-
 /// Settings of one ingest process.
 #[derive(Clone)]
 pub struct IngestOptions {

@@ -3,7 +3,6 @@
 use crate::*;
 use std::time::Duration;
 
-
 /// A topic + database + consumer options, isolated for one test.
 pub struct Scope {
     pub topic: String,
