@@ -151,14 +151,12 @@ fn nothing_in_the_repository_points_outside_it() {
     files(&root(), &mut all);
     let mut found = Vec::new();
     for path in all {
-        if path.ends_with("tests/tests/docs.rs") {
-            continue;
-        }
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue; // not text
         };
         for (n, line) in text.lines().enumerate() {
-            if line.contains("../shared/") || line.contains("SPEC.md") {
+            // Built from parts, so this file does not match itself.
+            if line.contains(concat!("..", "/shared/")) || line.contains(concat!("SPEC", ".md")) {
                 found.push(format!("{}:{}: {line}", path.display(), n + 1));
             }
         }
