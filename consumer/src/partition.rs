@@ -380,24 +380,7 @@ mod tests {
     use crate::plan::message_hash;
 
     fn row(o: u64, id: &str, at: u64) -> ClickRow {
-        ClickRow {
-            click_id: id.into(),
-            code: "A1B2C3D4E5F6".into(),
-            landing_path: String::new(),
-            utm_source: String::new(),
-            utm_medium: String::new(),
-            utm_campaign: String::new(),
-            ip_hash: [0; 32],
-            ua_hash: [0; 32],
-            key_id: "k1".into(),
-            is_bot: 0,
-            received_at: 0,
-            received_at_ms: at,
-            kafka_topic: "t".into(),
-            kafka_partition: 0,
-            kafka_offset: o,
-            account_id: "acct_1".into(),
-        }
+        crate::row::test_row(0, o, id, at)
     }
 
     fn state(offsets: std::ops::Range<i64>) -> PartitionState {

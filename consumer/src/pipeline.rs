@@ -1068,24 +1068,7 @@ mod tests {
         let mut s = PartitionState::new(partition, RecentIds::new(60_000, 100));
         for o in 0..rows {
             let id = format!("refclk_{partition}_{o}");
-            let row = ClickRow {
-                click_id: id.clone(),
-                code: "A1B2C3D4E5F6".into(),
-                landing_path: String::new(),
-                utm_source: String::new(),
-                utm_medium: String::new(),
-                utm_campaign: String::new(),
-                ip_hash: [0; 32],
-                ua_hash: [0; 32],
-                key_id: "k1".into(),
-                is_bot: 0,
-                received_at: 0,
-                received_at_ms: 1000,
-                kafka_topic: "t".into(),
-                kafka_partition: partition as u16,
-                kafka_offset: o as u64,
-                account_id: "acct_1".into(),
-            };
+            let row = crate::row::test_row(partition as u16, o as u64, &id, 1000);
             s.push(o, message_hash(None, id.as_bytes()), Some(row));
         }
         let range = s.propose().expect("plan");

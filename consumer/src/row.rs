@@ -97,3 +97,26 @@ pub fn from_message(
     let (event, ip_hash, ua_hash) = ClickEvent::decode_with_digests(payload)?;
     ClickRow::new(event, (ip_hash, ua_hash), topic, partition, offset)
 }
+
+/// A row for unit tests: click `id` at `offset` of `partition`, received at `at_ms`.
+#[cfg(test)]
+pub(crate) fn test_row(partition: u16, offset: u64, id: &str, at_ms: u64) -> ClickRow {
+    ClickRow {
+        click_id: id.into(),
+        code: "A1B2C3D4E5F6".into(),
+        landing_path: String::new(),
+        utm_source: String::new(),
+        utm_medium: String::new(),
+        utm_campaign: String::new(),
+        ip_hash: [0; 32],
+        ua_hash: [0; 32],
+        key_id: "k1".into(),
+        is_bot: 0,
+        received_at: 0,
+        received_at_ms: at_ms,
+        kafka_topic: "t".into(),
+        kafka_partition: partition,
+        kafka_offset: offset,
+        account_id: "acct_1".into(),
+    }
+}

@@ -25,6 +25,23 @@ impl RegistryTopics {
         create_topic(brokers, &self.refusals, 1).await;
     }
 
+    /// The settings an operator command needs to write these topics.
+    fn command_env(
+        &self,
+        cmd: &mut tokio::process::Command,
+        brokers: &str,
+        click_topic: &str,
+        plans: &std::path::Path,
+    ) {
+        cmd.env("CONSUMER_KAFKA_BROKERS", brokers)
+            .env("CONSUMER_KAFKA_TOPIC", click_topic)
+            .env("CONSUMER_ACCOUNTS_TOPIC", &self.accounts)
+            .env("CONSUMER_CODES_TOPIC", &self.codes)
+            .env("CONSUMER_REFUSALS_TOPIC", &self.refusals)
+            .env("CONSUMER_PLANS_FILE", plans)
+            .env("LOG_LEVEL", "warn");
+    }
+
     /// Runs a `consumer` operator command (accounts, codes) against these topics; its exit
     /// code and everything it printed.
     pub async fn consumer_command(
@@ -35,14 +52,8 @@ impl RegistryTopics {
         plans: &std::path::Path,
     ) -> (i32, String) {
         let mut cmd = tokio::process::Command::new(bin("consumer"));
-        cmd.args(args)
-            .env("CONSUMER_KAFKA_BROKERS", brokers)
-            .env("CONSUMER_KAFKA_TOPIC", click_topic)
-            .env("CONSUMER_ACCOUNTS_TOPIC", &self.accounts)
-            .env("CONSUMER_CODES_TOPIC", &self.codes)
-            .env("CONSUMER_REFUSALS_TOPIC", &self.refusals)
-            .env("CONSUMER_PLANS_FILE", plans)
-            .env("LOG_LEVEL", "warn");
+        cmd.args(args);
+        self.command_env(&mut cmd, brokers, click_topic, plans);
         let out = cmd.output().await.expect("consumer command");
         (
             out.status.code().unwrap_or(-1),
@@ -68,15 +79,10 @@ impl RegistryTopics {
             .chain(args.iter().map(|a| (*a).to_owned()))
             .map(|a| quote(&a))
             .collect();
-        let out = tokio::process::Command::new("script")
-            .args(["-qec", &line.join(" "), "/dev/null"])
-            .env("CONSUMER_KAFKA_BROKERS", brokers)
-            .env("CONSUMER_KAFKA_TOPIC", click_topic)
-            .env("CONSUMER_ACCOUNTS_TOPIC", &self.accounts)
-            .env("CONSUMER_CODES_TOPIC", &self.codes)
-            .env("CONSUMER_REFUSALS_TOPIC", &self.refusals)
-            .env("CONSUMER_PLANS_FILE", plans)
-            .env("LOG_LEVEL", "warn")
+        let mut cmd = tokio::process::Command::new("script");
+        cmd.args(["-qec", &line.join(" "), "/dev/null"]);
+        self.command_env(&mut cmd, brokers, click_topic, plans);
+        let out = cmd
             .output()
             .await
             .expect("script (util-linux) runs the command on a pseudo-terminal");
