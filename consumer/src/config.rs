@@ -5,7 +5,9 @@ use shared::kafka_properties::{KafkaProperties, CONSUMER_PROTECTED};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use clap::builder::RangedU64ValueParser;
 use clap::{Args, Parser, Subcommand};
+use shared::cli::{millis, secs};
 
 /// The consumer's `max.poll.interval.ms` (librdkafka's default, set explicitly): the
 /// flush deadline is validated against it, and `kafka.rs` sets it.
@@ -125,6 +127,7 @@ pub struct Config {
     #[arg(
         long,
         env = "CONSUMER_TOPIC_PARTITIONS",
+        value_parser = clap::value_parser!(i32).range(1..=10_000),
         default_value_t = 8,
         global = true
     )]
@@ -134,6 +137,7 @@ pub struct Config {
     #[arg(
         long,
         env = "CONSUMER_TOPIC_REPLICATION",
+        value_parser = clap::value_parser!(i32).range(1..),
         default_value_t = 1,
         global = true
     )]
@@ -184,6 +188,7 @@ pub struct Config {
     #[arg(
         long,
         env = "CONSUMER_BATCH_MAX_ROWS",
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..),
         default_value_t = 50_000,
         global = true
     )]
@@ -192,12 +197,13 @@ pub struct Config {
     /// Flush when the oldest buffered row is this old. With plan groups a flush is a few
     /// inserts whatever the partitions, so 500 ms keeps freshness p99 under 1 s (tests/README.md).
     #[arg(
-        long,
+        long = "batch-max-age-ms",
         env = "CONSUMER_BATCH_MAX_AGE_MS",
-        default_value_t = 500,
+        default_value = "500",
+        value_parser = millis(1..),
         global = true
     )]
-    pub batch_max_age_ms: u64,
+    pub batch_max_age: Duration,
 
     /// Fetching pauses above this many buffered rows (ClickHouse slow or down).
     #[arg(
@@ -210,12 +216,13 @@ pub struct Config {
 
     /// A click id seen again within this window is the same click (a client retry).
     #[arg(
-        long,
+        long = "dedup-window-secs",
         env = "CONSUMER_DEDUP_WINDOW_SECS",
-        default_value_t = 3600,
+        default_value = "3600",
+        value_parser = secs(1..),
         global = true
     )]
-    pub dedup_window_secs: u64,
+    pub dedup_window: Duration,
 
     /// Most click ids remembered per partition for the retry check.
     #[arg(
@@ -240,26 +247,29 @@ pub struct Config {
     pub kafka_properties: KafkaProperties,
 
     #[arg(
-        long,
+        long = "flush-deadline-ms",
         env = "CONSUMER_FLUSH_DEADLINE_MS",
-        default_value_t = 60_000,
+        default_value = "60000",
+        value_parser = millis(1..=MAX_POLL_INTERVAL_MS / 2),
         help = "One deadline for a whole flush (plans, inserts, reloads) and for a dead letter; must stay below max.poll.interval.ms (300000)",
         global = true
     )]
-    pub flush_deadline_ms: u64,
+    pub flush_deadline: Duration,
 
     #[arg(
-        long,
+        long = "dedup-trust-secs",
         env = "CONSUMER_DEDUP_TRUST_SECS",
-        default_value_t = 600,
+        default_value = "600",
+        value_parser = secs(..),
         help = "Another member's plan younger than this is replayed on the server's deduplication window alone; older ones first ask which rows are stored",
         global = true
     )]
-    pub dedup_trust_secs: u64,
+    pub dedup_trust: Duration,
 
     #[arg(
         long,
         env = "CONSUMER_INSERT_CONCURRENCY",
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..),
         default_value_t = 4,
         help = "Partitions inserted at the same time in one flush",
         global = true
@@ -276,21 +286,23 @@ pub struct Config {
 
     /// Timeout of one insert attempt (and of each plan and id query).
     #[arg(
-        long,
+        long = "insert-timeout-ms",
         env = "CONSUMER_INSERT_TIMEOUT_MS",
-        default_value_t = 30_000,
+        default_value = "30000",
+        value_parser = millis(1..),
         global = true
     )]
-    pub insert_timeout_ms: u64,
+    pub insert_timeout: Duration,
 
     /// Longest wait between insert retries (exponential backoff from 100 ms).
     #[arg(
-        long,
+        long = "retry-max-backoff-ms",
         env = "CONSUMER_RETRY_MAX_BACKOFF_MS",
-        default_value_t = 10_000,
+        default_value = "10000",
+        value_parser = millis(100..),
         global = true
     )]
-    pub retry_max_backoff_ms: u64,
+    pub retry_max_backoff: Duration,
 
     /// Re-join the group when this member has had no partitions for this many seconds
     /// (0: never). Apache Kafka does not need it (keep 0 there: with more members than
@@ -298,12 +310,13 @@ pub struct Config {
     /// does: after it evicts a crashed group leader it does not tell the other members to
     /// rejoin, leaving them with the empty assignment of the dead generation.
     #[arg(
-        long,
+        long = "rejoin-idle-secs",
         env = "CONSUMER_REJOIN_IDLE_SECS",
-        default_value_t = 0,
+        default_value = "0",
+        value_parser = secs(..),
         global = true
     )]
-    pub rejoin_idle_secs: u64,
+    pub rejoin_idle: Duration,
 
     /// The registry's accounts topic (compacted).
     #[arg(long, env = "CONSUMER_ACCOUNTS_TOPIC", default_value = shared::registry::ACCOUNTS_TOPIC, global = true)]
@@ -326,6 +339,7 @@ pub struct Config {
     #[arg(
         long,
         env = "CONSUMER_CODE_LENGTH",
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=shared::click::MAX_CODE_LEN as u64),
         default_value_t = 12,
         global = true
     )]
@@ -338,12 +352,13 @@ pub struct Config {
     /// On SIGTERM, how long the last insert may keep retrying before giving up (nothing
     /// is committed then, so the clicks are read again by the next consumer).
     #[arg(
-        long,
+        long = "shutdown-grace-secs",
         env = "CONSUMER_SHUTDOWN_GRACE_SECS",
-        default_value_t = 25,
+        default_value = "25",
+        value_parser = secs(..),
         global = true
     )]
-    pub shutdown_grace_secs: u64,
+    pub shutdown_grace: Duration,
 }
 
 impl Config {
@@ -393,57 +408,26 @@ impl Config {
         {
             return Err("CONSUMER_ACCOUNTS_TOPIC, CONSUMER_CODES_TOPIC, CONSUMER_REFUSALS_TOPIC: must be set and differ from each other and from the click topics".into());
         }
-        if !(1..=shared::click::MAX_CODE_LEN).contains(&self.code_length) {
-            return Err(format!(
-                "CONSUMER_CODE_LENGTH: 1 to {}",
-                shared::click::MAX_CODE_LEN
-            ));
-        }
         if self.group_id.is_empty() {
             return Err("CONSUMER_GROUP_ID: must not be empty".into());
-        }
-        if self.batch_max_rows == 0 {
-            return Err("CONSUMER_BATCH_MAX_ROWS: must be at least 1".into());
         }
         if self.max_buffered_rows < self.batch_max_rows {
             return Err(
                 "CONSUMER_MAX_BUFFERED_ROWS: must be at least CONSUMER_BATCH_MAX_ROWS".into(),
             );
         }
-        if self.batch_max_age_ms == 0
-            || self.insert_timeout_ms == 0
-            || self.retry_max_backoff_ms < 100
-        {
-            return Err("CONSUMER_BATCH_MAX_AGE_MS, CONSUMER_INSERT_TIMEOUT_MS: at least 1; CONSUMER_RETRY_MAX_BACKOFF_MS: at least 100".into());
-        }
-        if self.insert_timeout_ms > self.flush_deadline_ms
-            || self.flush_deadline_ms * 2 > MAX_POLL_INTERVAL_MS
-        {
-            return Err(format!(
-                "CONSUMER_FLUSH_DEADLINE_MS: at least CONSUMER_INSERT_TIMEOUT_MS and at most {} (half of max.poll.interval.ms)",
-                MAX_POLL_INTERVAL_MS / 2
-            ));
-        }
-        if self.insert_concurrency == 0 {
-            return Err("CONSUMER_INSERT_CONCURRENCY: at least 1".into());
-        }
-        if !(1..=10_000).contains(&self.topic_partitions) || self.topic_replication < 1 {
-            return Err(
-                "CONSUMER_TOPIC_PARTITIONS: 1 to 10000; CONSUMER_TOPIC_REPLICATION: at least 1"
-                    .into(),
-            );
+        // Each bound is declared at its field; what is left relates two settings.
+        if self.insert_timeout > self.flush_deadline {
+            return Err("CONSUMER_FLUSH_DEADLINE_MS: at least CONSUMER_INSERT_TIMEOUT_MS".into());
         }
         Ok(())
-    }
-
-    pub fn batch_max_age(&self) -> Duration {
-        Duration::from_millis(self.batch_max_age_ms)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     #[test]
     fn plan_groups_are_on_unless_turned_off() {
@@ -481,6 +465,47 @@ mod tests {
             .validate()
             .expect_err("refused")
             .starts_with("CONSUMER_KAFKA_PROPERTIES"));
+    }
+
+    #[test]
+    fn ranges_are_declared_at_the_fields_and_name_the_variable() {
+        let cli = Cli::try_parse_from(["consumer"]).expect("parses");
+        assert_eq!(cli.config.batch_max_age, Duration::from_millis(500));
+        assert_eq!(cli.config.dedup_window, Duration::from_secs(3600));
+        for (flag, value, var) in [
+            (
+                "--flush-deadline-ms",
+                "150001",
+                "CONSUMER_FLUSH_DEADLINE_MS",
+            ),
+            (
+                "--retry-max-backoff-ms",
+                "99",
+                "CONSUMER_RETRY_MAX_BACKOFF_MS",
+            ),
+            ("--topic-partitions", "0", "CONSUMER_TOPIC_PARTITIONS"),
+            ("--batch-max-rows", "0", "CONSUMER_BATCH_MAX_ROWS"),
+        ] {
+            let err = Cli::try_parse_from(["consumer", flag, value]).expect_err("out of range");
+            let msg = shared::cli::naming_env(err, &mut Cli::command()).to_string();
+            assert!(
+                msg.contains(&format!("{var} ({flag}): invalid value `{value}`")),
+                "{msg}"
+            );
+        }
+        let cli = Cli::try_parse_from([
+            "consumer",
+            "--insert-timeout-ms",
+            "20000",
+            "--flush-deadline-ms",
+            "10000",
+        ])
+        .expect("each in range");
+        assert!(cli
+            .config
+            .validate()
+            .expect_err("insert timeout over the flush deadline")
+            .starts_with("CONSUMER_FLUSH_DEADLINE_MS"));
     }
 
     #[test]

@@ -170,9 +170,7 @@ pub fn consumer(config: &Config) -> rdkafka::error::KafkaResult<Consumer> {
     let context = Context {
         topic: config.kafka_topic.clone(),
         events: Mutex::new(Vec::new()),
-        gate: Arc::new(FlushGate::new(Duration::from_millis(
-            config.flush_deadline_ms,
-        ))),
+        gate: Arc::new(FlushGate::new(config.flush_deadline)),
     };
     client_config(config)
         .set("group.id", &config.group_id)

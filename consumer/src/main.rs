@@ -1,5 +1,3 @@
-use clap::Parser;
-
 // glibc malloc showed up as ~9% of ingest CPU under load (perf); mimalloc is faster for
 // the many small per-request allocations and keeps fragmentation low.
 #[global_allocator]
@@ -8,7 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     shared::telemetry::init_tracing();
-    let cli = consumer::config::Cli::parse();
+    let cli: consumer::config::Cli = shared::cli::parse();
     let command = cli.command.unwrap_or(consumer::config::Command::Run);
     match consumer::main(command, cli.config, shared::telemetry::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -243,7 +243,7 @@ impl Pipeline {
             "shutting down: flushing the rows in hand"
         );
         self.wait_for_flush().await;
-        let deadline = Instant::now() + Duration::from_secs(self.config.shutdown_grace_secs);
+        let deadline = Instant::now() + self.config.shutdown_grace;
         while self.partitions.values().any(|p| !p.is_empty()) {
             self.start_flush(CommitMode::Sync);
             if self.wait_for_flush().await && self.partitions.values().all(PartitionState::is_empty)
@@ -295,7 +295,7 @@ impl Pipeline {
             || self.buffered_rows() >= self.config.batch_max_rows
             || self
                 .oldest()
-                .is_some_and(|t| t.elapsed() >= self.config.batch_max_age())
+                .is_some_and(|t| t.elapsed() >= self.config.batch_max_age)
     }
 
     /// Whether the loop may take another message before its next pass: not paused, and
@@ -314,15 +314,13 @@ impl Pipeline {
         if self.in_flight.is_some() {
             return far;
         }
-        let age = self
-            .oldest()
-            .map_or(far, |t| t + self.config.batch_max_age());
+        let age = self.oldest().map_or(far, |t| t + self.config.batch_max_age);
         // While a retry is scheduled, nothing flushes before it.
         self.retry_at.unwrap_or(age)
     }
 
     fn partition_state(&mut self, partition: i32) -> &mut PartitionState {
-        let window_ms = self.config.dedup_window_secs * 1000;
+        let window_ms = shared::as_ms(self.config.dedup_window);
         let max = self.config.dedup_max_ids;
         self.partitions
             .entry(partition)
@@ -347,7 +345,7 @@ impl Pipeline {
                     offset,
                     reason: &reason,
                 };
-                let limit = Duration::from_millis(self.config.flush_deadline_ms);
+                let limit = self.config.flush_deadline;
                 kafka::send_dead_letter(&self.dlq, &self.config, &letter, limit)
                     .await
                     .map_err(|cause| Fatal {
@@ -395,7 +393,7 @@ impl Pipeline {
     }
 
     fn rejoin_if_idle(&mut self) {
-        let limit = Duration::from_secs(self.config.rejoin_idle_secs);
+        let limit = self.config.rejoin_idle;
         if limit.is_zero() || self.idle_since.is_none_or(|t| t.elapsed() < limit) {
             return;
         }
@@ -451,7 +449,7 @@ impl Pipeline {
         let guard = self.consumer.context().gate().enter();
         self.in_flight = Some(tokio::spawn(async move {
             let _guard = guard;
-            let deadline = Duration::from_millis(flusher.config.flush_deadline_ms);
+            let deadline = flusher.config.flush_deadline;
             let result =
                 match tokio::time::timeout(deadline, flusher.write_plans(&mut partitions, commit))
                     .await
@@ -514,7 +512,7 @@ impl Pipeline {
                 metrics::gauge!(m::CLICKHOUSE_UP).set(0.0);
                 tracing::warn!(error = %e, rows = self.buffered_rows(), retry_in = ?self.backoff, "flush failed; keeping the plans in hand");
                 self.retry_at = Some(Instant::now() + self.backoff);
-                let max = Duration::from_millis(self.config.retry_max_backoff_ms);
+                let max = self.config.retry_max_backoff;
                 self.backoff = (self.backoff * 2).min(max);
                 false
             }
@@ -586,7 +584,7 @@ impl Flusher {
     /// Invariant 5: once per assignment, the click ids written within the window before
     /// the first click in hand (ingest time).
     async fn load_recent_ids(&self, partitions: &mut Partitions) -> Result<(), FlushError> {
-        let window_ms = self.config.dedup_window_secs * 1000;
+        let window_ms = shared::as_ms(self.config.dedup_window);
         let topic = &self.config.kafka_topic;
         for state in partitions.values_mut() {
             if state.ids_loaded {
@@ -693,7 +691,7 @@ impl Flusher {
                 }
             }
         }
-        let trust_ms = self.config.dedup_trust_secs * 1000;
+        let trust_ms = shared::as_ms(self.config.dedup_trust);
         let now = shared::now_ms();
         let agreed = &*partitions;
         let in_group = |p: &i32, group: &PlanGroup| {

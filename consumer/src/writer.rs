@@ -58,7 +58,7 @@ impl Writer {
             client: base_client(config).with_database(&config.clickhouse_database),
             table: config.clickhouse_table.clone(),
             plans_table: format!("{}_plans", config.clickhouse_table),
-            timeout: Duration::from_millis(config.insert_timeout_ms),
+            timeout: config.insert_timeout,
         }
     }
 

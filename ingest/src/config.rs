@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::Parser;
 use ipnet::IpNet;
 
+use clap::builder::RangedU64ValueParser;
+use shared::cli::{millis, secs};
 use shared::click::MAX_CODE_LEN;
 use shared::hashing::KeyedHasher;
 use shared::kafka_properties::{KafkaProperties, PRODUCER_PROTECTED};
@@ -44,36 +46,43 @@ pub struct Config {
     pub hash_key_id: String,
 
     /// Length of a referral code.
-    #[arg(long, env = "INGEST_CODE_LENGTH", default_value_t = 12)]
+    #[arg(long, env = "INGEST_CODE_LENGTH", default_value_t = 12,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CODE_LEN as u64))]
     pub code_length: usize,
 
     /// Largest request body after gzip decoding, in bytes.
-    #[arg(long, env = "INGEST_BODY_LIMIT_BYTES", default_value_t = 16 * 1024)]
+    #[arg(long, env = "INGEST_BODY_LIMIT_BYTES", default_value_t = 16 * 1024,
+          value_parser = RangedU64ValueParser::<usize>::new().range(64..=1 << 20))]
     pub body_limit_bytes: usize,
 
     /// Requests a minute per client IP (token bucket refill).
-    #[arg(long, env = "INGEST_RATE_LIMIT_PER_MINUTE", default_value_t = 120)]
+    #[arg(long, env = "INGEST_RATE_LIMIT_PER_MINUTE", default_value_t = 120,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_per_minute: u32,
 
     /// Burst size of the per-IP token bucket.
-    #[arg(long, env = "INGEST_RATE_LIMIT_BURST", default_value_t = 20)]
+    #[arg(long, env = "INGEST_RATE_LIMIT_BURST", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_burst: u32,
 
     /// Requests a minute per network (/24 for IPv4, /48 for IPv6), on top of the per-IP limit.
     #[arg(
         long,
         env = "INGEST_RATE_LIMIT_NETWORK_PER_MINUTE",
-        default_value_t = 1920
+        default_value_t = 1920,
+        value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub rate_limit_network_per_minute: u32,
 
     /// Burst size of the per-network bucket.
-    #[arg(long, env = "INGEST_RATE_LIMIT_NETWORK_BURST", default_value_t = 320)]
+    #[arg(long, env = "INGEST_RATE_LIMIT_NETWORK_BURST", default_value_t = 320,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_network_burst: u32,
 
     /// Most addresses (and most networks) the per-IP limiter tracks; past it, new clients
     /// share overflow buckets. Bounds memory under a flood of fresh addresses.
-    #[arg(long, env = "INGEST_RATE_LIMIT_MAX_TRACKED", default_value_t = 100_000)]
+    #[arg(long, env = "INGEST_RATE_LIMIT_MAX_TRACKED", default_value_t = 100_000,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1000..=100_000_000))]
     pub rate_limit_max_tracked: usize,
 
     /// CIDRs of proxies whose X-Forwarded-For / Forwarded headers are believed, comma-separated.
@@ -114,12 +123,14 @@ pub struct Config {
     pub cookie_samesite: SameSite,
 
     /// Max-Age of the click cookie, in seconds.
-    #[arg(long, env = "INGEST_COOKIE_MAX_AGE_SECS", default_value_t = 30 * 24 * 3600)]
-    pub cookie_max_age_secs: u64,
+    #[arg(long = "cookie-max-age-secs", env = "INGEST_COOKIE_MAX_AGE_SECS",
+          default_value = "2592000", value_parser = secs(..))]
+    pub cookie_max_age: Duration,
 
     /// How long a request waits for the broker's acknowledgement before a 503.
-    #[arg(long, env = "INGEST_PRODUCE_TIMEOUT_MS", default_value_t = 5000)]
-    pub produce_timeout_ms: u64,
+    #[arg(long = "produce-timeout-ms", env = "INGEST_PRODUCE_TIMEOUT_MS",
+          default_value = "5000", value_parser = millis(100..))]
+    pub produce_timeout: Duration,
 
     /// Producer queue bound (messages); when full, requests get 503 at once.
     #[arg(long, env = "INGEST_QUEUE_MAX_MESSAGES", default_value_t = 100_000)]
@@ -128,24 +139,29 @@ pub struct Config {
     /// Producer linger: how long librdkafka waits to fill a batch. Every click waits for its
     /// ack, so linger adds to each request; measured here: 1 ms gives 2.4x the throughput of
     /// 5 ms at 64 connections (batches still fill while earlier requests are in flight).
-    #[arg(long, env = "INGEST_LINGER_MS", default_value_t = 1)]
-    pub linger_ms: u64,
+    #[arg(long = "linger-ms", env = "INGEST_LINGER_MS", default_value = "1",
+          value_parser = millis(..=900_000))]
+    pub linger: Duration,
 
     /// Time a client has to send the request headers.
-    #[arg(long, env = "INGEST_HEADER_TIMEOUT_MS", default_value_t = 5000)]
-    pub header_timeout_ms: u64,
+    #[arg(long = "header-timeout-ms", env = "INGEST_HEADER_TIMEOUT_MS",
+          default_value = "5000", value_parser = millis(1..))]
+    pub header_timeout: Duration,
 
     /// Time a client has to send the whole body.
-    #[arg(long, env = "INGEST_BODY_TIMEOUT_MS", default_value_t = 10_000)]
-    pub body_timeout_ms: u64,
+    #[arg(long = "body-timeout-ms", env = "INGEST_BODY_TIMEOUT_MS",
+          default_value = "10000", value_parser = millis(1..))]
+    pub body_timeout: Duration,
 
     /// Most connections open at once; more wait in the listen backlog until one closes.
-    #[arg(long, env = "INGEST_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "INGEST_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_connections: usize,
 
     /// On SIGTERM, how long in-flight requests may take to finish.
-    #[arg(long, env = "INGEST_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
-    pub shutdown_grace_secs: u64,
+    #[arg(long = "shutdown-grace-secs", env = "INGEST_SHUTDOWN_GRACE_SECS",
+          default_value = "25", value_parser = secs(..))]
+    pub shutdown_grace: Duration,
 
     /// The registry's accounts topic (compacted; read whole at start, then followed).
     #[arg(long, env = "INGEST_ACCOUNTS_TOPIC", default_value = shared::registry::ACCOUNTS_TOPIC)]
@@ -193,8 +209,9 @@ pub struct Config {
     pub refusals_topic: String,
 
     /// How often the refusal counts are published, in seconds.
-    #[arg(long, env = "INGEST_REFUSALS_INTERVAL_SECS", default_value_t = 5)]
-    pub refusals_interval_secs: u64,
+    #[arg(long = "refusals-interval-secs", env = "INGEST_REFUSALS_INTERVAL_SECS",
+          default_value = "5", value_parser = secs(1..=3600))]
+    pub refusals_interval: Duration,
 
     /// The plan catalogue (JSON, see deploy/plans/catalogue.json); empty: the copy built
     /// into the binary.
@@ -219,11 +236,13 @@ pub struct Config {
     pub redis_prefix: String,
 
     /// How long a click may wait for Redis before this instance decides alone (its share).
-    #[arg(long, env = "INGEST_LIMITS_REDIS_TIMEOUT_MS", default_value_t = 20)]
-    pub limits_redis_timeout_ms: u64,
+    #[arg(long = "limits-redis-timeout-ms", env = "INGEST_LIMITS_REDIS_TIMEOUT_MS",
+          default_value = "20", value_parser = millis(1..=10_000))]
+    pub limits_redis_timeout: Duration,
 
     /// Ingest instances to assume at least when sharing limits without Redis.
-    #[arg(long, env = "INGEST_LIMITS_EXPECTED_INSTANCES", default_value_t = 1)]
+    #[arg(long, env = "INGEST_LIMITS_EXPECTED_INSTANCES", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub limits_expected_instances: u32,
 }
 
@@ -293,39 +312,10 @@ impl Config {
                 shared::hashing::KeyError::TooShort(_) => format!("INGEST_HASH_KEY: {e}"),
                 shared::hashing::KeyError::BadKeyId => format!("INGEST_HASH_KEY_ID: {e}"),
             })?;
-        if !(1..=MAX_CODE_LEN).contains(&self.code_length) {
-            return Err(format!("INGEST_CODE_LENGTH: must be 1 to {MAX_CODE_LEN}"));
-        }
-        if self.body_limit_bytes < 64 || self.body_limit_bytes > 1 << 20 {
-            return Err("INGEST_BODY_LIMIT_BYTES: must be 64 to 1048576".into());
-        }
-        if self.rate_limit_per_minute == 0 || self.rate_limit_burst == 0 {
-            return Err(
-                "INGEST_RATE_LIMIT_PER_MINUTE and INGEST_RATE_LIMIT_BURST: must be at least 1"
-                    .into(),
-            );
-        }
-        if self.rate_limit_network_per_minute == 0 || self.rate_limit_network_burst == 0 {
-            return Err("INGEST_RATE_LIMIT_NETWORK_PER_MINUTE and INGEST_RATE_LIMIT_NETWORK_BURST: must be at least 1".into());
-        }
-        if !(1000..=100_000_000).contains(&self.rate_limit_max_tracked) {
-            return Err("INGEST_RATE_LIMIT_MAX_TRACKED: must be 1000 to 100000000".into());
-        }
         self.kafka_properties
             .refuse("INGEST_KAFKA_PROPERTIES", PRODUCER_PROTECTED)?;
         if self.kafka_topic.is_empty() || self.kafka_brokers.is_empty() {
             return Err("INGEST_KAFKA_TOPIC and INGEST_KAFKA_BROKERS: must not be empty".into());
-        }
-        if self.max_connections == 0 {
-            return Err("INGEST_MAX_CONNECTIONS: must be at least 1".into());
-        }
-        if self.produce_timeout_ms < 100 {
-            return Err("INGEST_PRODUCE_TIMEOUT_MS: must be at least 100".into());
-        }
-        if self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
-            return Err(
-                "INGEST_HEADER_TIMEOUT_MS and INGEST_BODY_TIMEOUT_MS: must be at least 1".into(),
-            );
         }
         if !self.cookie_name.is_empty() && !is_cookie_token(&self.cookie_name) {
             return Err(
@@ -385,9 +375,6 @@ impl Config {
         {
             return Err("INGEST_REGISTRY_CLICKHOUSE_DATABASE: letters, digits and _ only".into());
         }
-        if !(1..=3600).contains(&self.refusals_interval_secs) {
-            return Err("INGEST_REFUSALS_INTERVAL_SECS: must be 1 to 3600".into());
-        }
         redis::Client::open(self.redis_url.as_str())
             .map_err(|e| format!("INGEST_REDIS_URL: {e}"))?;
         if !self
@@ -397,21 +384,11 @@ impl Config {
         {
             return Err("INGEST_REDIS_PREFIX: letters, digits and _-:. only".into());
         }
-        if !(1..=10_000).contains(&self.limits_redis_timeout_ms) {
-            return Err("INGEST_LIMITS_REDIS_TIMEOUT_MS: must be 1 to 10000".into());
-        }
-        if self.limits_expected_instances == 0 {
-            return Err("INGEST_LIMITS_EXPECTED_INSTANCES: must be at least 1".into());
-        }
         Ok(Validated {
             hasher,
             cors,
             catalogue: std::sync::Arc::new(catalogue),
         })
-    }
-
-    pub fn produce_timeout(&self) -> Duration {
-        Duration::from_millis(self.produce_timeout_ms)
     }
 
     /// Brokers plus the operator's extra properties: the base of every Kafka client.
@@ -433,6 +410,7 @@ fn is_cookie_token(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     fn base() -> Vec<&'static str> {
         vec!["ingest", "--hash-key", "0123456789abcdef0123456789abcdef"]
@@ -445,6 +423,8 @@ mod tests {
         assert_eq!(c.kafka_topic, "referral_clicks");
         assert_eq!((c.rate_limit_per_minute, c.rate_limit_burst), (120, 20));
         assert_eq!(c.body_limit_bytes, 16 * 1024);
+        assert_eq!(c.produce_timeout, Duration::from_secs(5));
+        assert_eq!(c.cookie_max_age, Duration::from_secs(30 * 24 * 3600));
         assert!(c.validate().is_ok());
     }
 
@@ -459,14 +439,29 @@ mod tests {
             .expect("invalid");
         assert!(err.starts_with("INGEST_HASH_KEY:"), "{err}");
 
-        let mut args = base();
-        args.extend(["--code-length", "0"]);
-        let err = Config::try_parse_from(args)
-            .expect("parses")
-            .validate()
-            .err()
-            .expect("invalid");
-        assert!(err.starts_with("INGEST_CODE_LENGTH"), "{err}");
+        // Ranges are declared at the fields: clap refuses the value, and the message names
+        // the variable as well as the flag.
+        for (flags, var) in [
+            (&["--code-length", "0"][..], "INGEST_CODE_LENGTH"),
+            (
+                &["--produce-timeout-ms", "99"][..],
+                "INGEST_PRODUCE_TIMEOUT_MS",
+            ),
+            (
+                &["--refusals-interval-secs", "3601"][..],
+                "INGEST_REFUSALS_INTERVAL_SECS",
+            ),
+            (&["--max-connections", "0"][..], "INGEST_MAX_CONNECTIONS"),
+        ] {
+            let mut args = base();
+            args.extend(flags);
+            let err = Config::try_parse_from(args).expect_err("out of range");
+            let msg = shared::cli::naming_env(err, &mut Config::command()).to_string();
+            assert!(
+                msg.contains(&format!("{var} ({}): invalid value", flags[0])),
+                "{msg}"
+            );
+        }
 
         let mut args = base();
         args.extend(["--cors-origins", "example.com"]);
@@ -490,10 +485,6 @@ mod tests {
             (
                 &["--codes-topic", "referral_clicks"][..],
                 "INGEST_KAFKA_TOPIC",
-            ),
-            (
-                &["--limits-expected-instances", "0"][..],
-                "INGEST_LIMITS_EXPECTED_INSTANCES",
             ),
         ] {
             let mut args = base();

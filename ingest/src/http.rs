@@ -196,13 +196,7 @@ impl<S: ClickSink> App<S> {
         let encoding = body::check_headers(req.headers(), limit)?;
         // A handle on the header's bytes (shared with hyper's buffer), kept past the body.
         let user_agent = req.headers().get(USER_AGENT).cloned();
-        let raw = body::read(
-            req.into_body(),
-            encoding,
-            limit,
-            Duration::from_millis(self.config.body_timeout_ms),
-        )
-        .await?;
+        let raw = body::read(req.into_body(), encoding, limit, self.config.body_timeout).await?;
         let input = ClickInput::from_json(&raw).map_err(|e| ApiError::InvalidParams(vec![e]))?;
         let (click, account) = validate_with(&input, self.config.code_length, |code| {
             self.registry.resolve(code.as_str())
@@ -284,7 +278,8 @@ impl<S: ClickSink> App<S> {
         let c = &self.config;
         let mut cookie = format!(
             "{}={click_id}; Max-Age={}; Path=/",
-            c.cookie_name, c.cookie_max_age_secs
+            c.cookie_name,
+            c.cookie_max_age.as_secs()
         );
         if !c.cookie_domain.is_empty() {
             cookie.push_str("; Domain=");

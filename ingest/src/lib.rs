@@ -61,7 +61,7 @@ pub async fn run(
     );
     let plan_limits = match config.plan_limits {
         OnOff::On => {
-            let timeout = Duration::from_millis(config.limits_redis_timeout_ms);
+            let timeout = config.limits_redis_timeout;
             let store = RedisStore::new(
                 &config.redis_url,
                 &config.redis_prefix,
@@ -88,8 +88,8 @@ pub async fn run(
     let listener = TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, topic = %config.kafka_topic, key_id = %validated.hasher.key_id(), plans = %catalogue.names(), plan_limits = ?config.plan_limits, "ingest listening");
     let options = server::ServerOptions {
-        header_timeout: Duration::from_millis(config.header_timeout_ms),
-        shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
+        header_timeout: config.header_timeout,
+        shutdown_grace: config.shutdown_grace,
         max_connections: config.max_connections,
     };
     let refusals_topic = config.refusals_topic.clone();
@@ -131,7 +131,7 @@ pub async fn run(
 fn spawn_refusal_publisher(config: &Config, sink: &Arc<KafkaSink>, refusals: &Arc<RefusalCounts>) {
     let (sink, refusals) = (Arc::clone(sink), Arc::clone(refusals));
     let topic = config.refusals_topic.clone();
-    let every = Duration::from_secs(config.refusals_interval_secs);
+    let every = config.refusals_interval;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;

@@ -3,6 +3,7 @@
 //! telemetry set-up. Everything here is pure or local, and unit-tested beside the code.
 
 pub mod bot;
+pub mod cli;
 pub mod click;
 pub mod event;
 pub mod hashing;
@@ -16,5 +17,10 @@ pub mod telemetry;
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, as_ms)
+}
+
+/// A duration in whole milliseconds, for arithmetic with [`now_ms`] stamps (saturating).
+pub fn as_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -901,6 +901,36 @@ async fn protected_kafka_properties_stop_start_up_with_a_clear_message() {
     );
 }
 
+/// A value out of its range, set in the environment, stops start-up with a message that
+/// names the variable (clap alone would name only the flag) and the range.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_out_of_range_setting_names_its_environment_variable() {
+    let scope = Scope::new("contract_ranges", 1).await;
+    let mut opts = scope.ingest_options();
+    opts.extra_env = vec![("INGEST_PRODUCE_TIMEOUT_MS".into(), "5".into())];
+    let mut ingest = Ingest::start(&opts);
+    assert!(!ingest.proc.exited(Duration::from_secs(20)).await.success());
+    let log = ingest.proc.log_text();
+    assert!(
+        log.contains("INGEST_PRODUCE_TIMEOUT_MS (--produce-timeout-ms): invalid value `5`: must be at least 100"),
+        "{log}"
+    );
+
+    let mut opts = scope.consumer_options();
+    opts.extra_env = vec![("CONSUMER_SHUTDOWN_GRACE_SECS".into(), "soon".into())];
+    let mut consumer = ConsumerProc::start(&opts);
+    assert!(!consumer
+        .proc
+        .exited(Duration::from_secs(20))
+        .await
+        .success());
+    let log = consumer.proc.log_text();
+    assert!(
+        log.contains("CONSUMER_SHUTDOWN_GRACE_SECS (--shutdown-grace-secs): invalid value `soon`"),
+        "{log}"
+    );
+}
+
 /// Far more connections than `INGEST_MAX_CONNECTIONS`: the excess waits (the process never
 /// holds more), and requests are served again as soon as connections close.
 #[tokio::test(flavor = "multi_thread")]

@@ -179,7 +179,7 @@ impl KafkaSink {
             .set("acks", "all")
             // Throughput: batch for a few ms and compress the JSON events (lz4 is cheap on CPU).
             .set("compression.type", "lz4")
-            .set("linger.ms", config.linger_ms.to_string())
+            .set("linger.ms", config.linger.as_millis().to_string())
             .set("batch.num.messages", "10000")
             .set(
                 "queue.buffering.max.messages",
@@ -188,7 +188,10 @@ impl KafkaSink {
             .set("queue.buffering.max.kbytes", "262144")
             // librdkafka gives up on a message at the same deadline the request waits for, so a
             // 503 answer is not followed by a late delivery of the same message.
-            .set("message.timeout.ms", config.produce_timeout_ms.to_string())
+            .set(
+                "message.timeout.ms",
+                config.produce_timeout.as_millis().to_string(),
+            )
             .set("reconnect.backoff.max.ms", "1000");
         for (k, v) in config.kafka_properties.iter() {
             cc.set(k, v);
@@ -199,7 +202,7 @@ impl KafkaSink {
             client_config: cc,
             produce_duration: metrics::histogram!(m::PRODUCE_DURATION),
             topic: config.kafka_topic.clone(),
-            ack_timeout: config.produce_timeout() + Duration::from_secs(1),
+            ack_timeout: config.produce_timeout + Duration::from_secs(1),
             probe_ok: Arc::new(AtomicBool::new(false)),
             last_ack_ms: AtomicU64::new(0),
             last_failure_ms: AtomicU64::new(0),
