@@ -104,6 +104,13 @@ pub struct Config {
     #[arg(long, env = "INGEST_CORS_ORIGINS", default_value = "")]
     pub cors_origins: String,
 
+    /// `on`: the click route answers requests without credentials (what the browser script
+    /// sends) from any origin with `Access-Control-Allow-Origin: *`, so a page can read
+    /// whether its click was accepted; origins in INGEST_CORS_ORIGINS still get their own
+    /// origin with credentials. `off`: only the listed origins get an answer they can read.
+    #[arg(long, env = "INGEST_CORS_ANY_ORIGIN", value_enum, default_value = "on")]
+    pub cors_any_origin: OnOff,
+
     /// Name of the click cookie set on success; empty: no cookie.
     #[arg(long, env = "INGEST_COOKIE_NAME", default_value = "")]
     pub cookie_name: String,

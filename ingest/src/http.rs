@@ -1,5 +1,5 @@
-//! Routing and handlers: `POST /api/v1/referrals/click` (+ CORS preflight), `/metrics`,
-//! `/healthz`, `/readyz`.
+//! Routing and handlers: `POST /api/v1/referrals/click` (+ CORS preflight), the browser
+//! script `GET /referral.js`, `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Order of work for a click, cheapest refusal first: per-IP rate limit (429 costs nothing
 //! and publishes nothing), registry loaded (else 503), media type and declared length,
@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use crate::body;
 use crate::client_ip::client_ip;
-use crate::config::{Config, CorsOrigins, Validated};
+use crate::config::{Config, CorsOrigins, OnOff, Validated};
 use crate::envelope::{envelope, envelope_with, ApiError, Body};
 use crate::limits::store::RedisStore;
 use crate::limits::{Limit, PlanLimiter, Refusal};
@@ -39,6 +39,7 @@ use crate::producer::{ClickSink, PublishError};
 use crate::rate_limit::{IpLimits, IpRateLimiter};
 use crate::refusals::RefusalCounts;
 use crate::registry::SharedRegistry;
+use crate::script::{Script, SCRIPT_PATH};
 use shared::bot::BotDetector;
 use shared::click::{validate_with, ClickInput};
 use shared::event::ClickEventRef;
@@ -61,6 +62,7 @@ pub struct App<S> {
     bots: BotDetector,
     metrics: Option<PrometheusHandle>,
     http_metrics: HttpMetrics,
+    script: Script,
 }
 
 /// What the app is built from besides its config.
@@ -93,6 +95,7 @@ impl<S: ClickSink> App<S> {
             bots: BotDetector::new(),
             metrics: parts.metrics,
             http_metrics: HttpMetrics::default(),
+            script: Script::default(),
         }
     }
 
@@ -147,6 +150,7 @@ impl<S: ClickSink> App<S> {
             },
             (CLICK_PATH, Method::OPTIONS) => self.preflight(req.headers()),
             (CLICK_PATH, _) => ApiError::MethodNotAllowed("OPTIONS, POST").into_response(),
+            (SCRIPT_PATH, Method::GET | Method::HEAD) => self.script.respond(req.headers()),
             ("/metrics", Method::GET | Method::HEAD) => self.metrics_text(),
             ("/healthz", Method::GET | Method::HEAD) => envelope(StatusCode::OK, "ok", None),
             ("/readyz", Method::GET | Method::HEAD) => {
@@ -156,7 +160,7 @@ impl<S: ClickSink> App<S> {
                     ApiError::Unavailable(Duration::from_secs(1)).into_response()
                 }
             }
-            ("/metrics" | "/healthz" | "/readyz", _) => {
+            (SCRIPT_PATH | "/metrics" | "/healthz" | "/readyz", _) => {
                 ApiError::MethodNotAllowed("GET, HEAD").into_response()
             }
             _ => ApiError::NotFound.into_response(),
@@ -292,14 +296,23 @@ impl<S: ClickSink> App<S> {
         cookie
     }
 
-    fn allowed_origin<'a>(&self, origin: Option<&'a HeaderValue>) -> Option<&'a HeaderValue> {
-        origin.filter(|o| o.to_str().is_ok_and(|o| self.cors.allows(o)))
+    /// How the click route answers a request from `origin` (none: not a cross-origin
+    /// request, nothing to say).
+    fn cors_answer<'a>(&self, origin: Option<&'a HeaderValue>) -> Option<CorsAnswer<'a>> {
+        let origin = origin?;
+        let listed = origin.to_str().is_ok_and(|o| self.cors.allows(o));
+        match (&self.cors, listed, self.config.cors_any_origin) {
+            (CorsOrigins::Any, _, _) => Some(CorsAnswer::Star),
+            (_, true, _) => Some(CorsAnswer::WithCredentials(origin)),
+            (_, false, OnOff::On) => Some(CorsAnswer::Star),
+            (_, false, OnOff::Off) => None,
+        }
     }
 
     fn preflight(&self, headers: &HeaderMap) -> Response<Body> {
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::NO_CONTENT;
-        if self.allowed_origin(headers.get(ORIGIN)).is_some() {
+        if self.cors_answer(headers.get(ORIGIN)).is_some() {
             let h = response.headers_mut();
             h.insert(
                 "access-control-allow-methods",
@@ -314,22 +327,26 @@ impl<S: ClickSink> App<S> {
         response
     }
 
-    /// CORS headers on every response of the click route, for allowed origins only. A
-    /// listed origin is echoed with credentials allowed (so browsers accept the click
-    /// cookie); with `*`, any origin gets `*` and never credentials: echoing every origin
-    /// with credentials would let any site read answers made with the visitor's cookies.
+    /// CORS headers on every response of the click route. A listed origin is echoed with
+    /// credentials allowed (so browsers accept the click cookie); any other origin gets
+    /// `*` (unless `INGEST_CORS_ANY_ORIGIN=off`), which browsers honour only for requests
+    /// without credentials: echoing every origin with credentials would let any site read
+    /// answers made with the visitor's cookies. The answer holds only what the page sent.
     fn add_cors(&self, response: &mut Response<Body>, origin: Option<&HeaderValue>) {
         let h = response.headers_mut();
         h.append(VARY, HeaderValue::from_static("Origin"));
-        if let Some(origin) = self.allowed_origin(origin) {
-            if matches!(self.cors, CorsOrigins::Any) {
-                h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
-            } else {
-                h.insert("access-control-allow-origin", origin.clone());
-                h.insert(
-                    "access-control-allow-credentials",
-                    HeaderValue::from_static("true"),
-                );
+        if let Some(answer) = self.cors_answer(origin) {
+            match answer {
+                CorsAnswer::Star => {
+                    h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+                }
+                CorsAnswer::WithCredentials(origin) => {
+                    h.insert("access-control-allow-origin", origin.clone());
+                    h.insert(
+                        "access-control-allow-credentials",
+                        HeaderValue::from_static("true"),
+                    );
+                }
             }
             h.insert(
                 "access-control-expose-headers",
@@ -365,9 +382,17 @@ fn ip_text(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
 
 /// The routes, as the metrics label them. `Route::COUNT` (derived) sizes the per-route
 /// metric handles, which are indexed by the variant.
+enum CorsAnswer<'a> {
+    /// `Access-Control-Allow-Origin: *`, never with credentials.
+    Star,
+    /// The listed origin, credentials allowed.
+    WithCredentials(&'a HeaderValue),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumCount)]
 enum Route {
     Click,
+    Script,
     Metrics,
     Healthz,
     Readyz,
@@ -378,6 +403,7 @@ impl Route {
     fn of(path: &str) -> Self {
         match path {
             CLICK_PATH => Self::Click,
+            SCRIPT_PATH => Self::Script,
             "/metrics" => Self::Metrics,
             "/healthz" => Self::Healthz,
             "/readyz" => Self::Readyz,
@@ -388,6 +414,7 @@ impl Route {
     fn label(self) -> &'static str {
         match self {
             Self::Click => "click",
+            Self::Script => "script",
             Self::Metrics => "metrics",
             Self::Healthz => "healthz",
             Self::Readyz => "readyz",
@@ -397,7 +424,7 @@ impl Route {
 }
 
 /// The statuses ingest answers with, in the order of [`HttpMetrics::requests`]' columns.
-const STATUSES: [u16; 11] = [200, 204, 400, 404, 405, 408, 413, 415, 429, 500, 503];
+const STATUSES: [u16; 12] = [200, 204, 304, 400, 404, 405, 408, 413, 415, 429, 500, 503];
 
 /// The per-request metric handles, each looked up in the registry once (the `metrics`
 /// macros hash the name and labels and look the series up on every call, and the status

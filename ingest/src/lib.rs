@@ -13,6 +13,7 @@ pub mod producer;
 pub mod rate_limit;
 pub mod refusals;
 pub mod registry;
+pub mod script;
 pub mod server;
 
 use std::sync::Arc;

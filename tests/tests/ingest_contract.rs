@@ -5,6 +5,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use e2e::*;
+use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -303,22 +304,55 @@ async fn request_ids_cors_and_cookie() {
         .to_str()
         .expect("v")
         .contains("content-type"));
-    let r = c
-        .request(reqwest::Method::OPTIONS, &url)
-        .header("origin", "https://evil.example")
-        .send()
-        .await
-        .expect("preflight");
-    assert_eq!(r.status(), 204);
-    assert!(!r.headers().contains_key("access-control-allow-origin"));
-    let (_, headers, _) = send(
-        c.post(&url)
-            .header("content-type", "application/json")
+    // Another origin: `*` by default, which browsers honour only without credentials, so
+    // a page anywhere can read whether its click was accepted, never with the visitor's
+    // cookies.
+    async fn unlisted(c: &reqwest::Client, url: &str) -> (HeaderMap, HeaderMap) {
+        let r = c
+            .request(reqwest::Method::OPTIONS, url)
             .header("origin", "https://evil.example")
+            .header("access-control-request-method", "POST")
+            .send()
+            .await
+            .expect("preflight");
+        assert_eq!(r.status(), 204);
+        let preflight = r.headers().clone();
+        let (_, headers, _) = send(
+            c.post(url)
+                .header("content-type", "application/json")
+                .header("origin", "https://evil.example")
+                .body(r#"{"code":"A1B2C3D4E5F6"}"#),
+        )
+        .await;
+        (preflight, headers)
+    }
+    for headers in <[HeaderMap; 2]>::from(unlisted(&c, &url).await) {
+        assert_eq!(headers["access-control-allow-origin"], "*");
+        assert!(!headers.contains_key("access-control-allow-credentials"));
+    }
+    // Turned off: only the listed origins get an answer they can read.
+    let (_scope, narrow) = start(
+        "contract_headers_narrow",
+        &[
+            ("INGEST_CORS_ORIGINS", "https://shop.example"),
+            ("INGEST_CORS_ANY_ORIGIN", "off"),
+        ],
+    )
+    .await;
+    for headers in <[HeaderMap; 2]>::from(unlisted(&c, &narrow.url(PATH)).await) {
+        assert!(!headers.contains_key("access-control-allow-origin"));
+    }
+    let (_, headers, _) = send(
+        c.post(narrow.url(PATH))
+            .header("content-type", "application/json")
+            .header("origin", "https://shop.example")
             .body(r#"{"code":"A1B2C3D4E5F6"}"#),
     )
     .await;
-    assert!(!headers.contains_key("access-control-allow-origin"));
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://shop.example"
+    );
 }
 
 /// From an untrusted peer, X-Forwarded-For changes neither the hash nor the rate limit;
