@@ -19,6 +19,7 @@ PROM_PORT=${LOCAL_PROMETHEUS_PORT:-9090}
 REDIS_PORT=${LOCAL_REDIS_PORT:-6379}
 INGEST_PORT=${LOCAL_INGEST_PORT:-8080}
 CONSUMER_PORT=${LOCAL_CONSUMER_PORT:-9101}
+WEBDRIVER_PORT=${LOCAL_WEBDRIVER_PORT:-9515}
 TANSU_VERSION=0.6.0
 # ClickHouse 26.9 engine from PyPI (see deploy/local/clickhouse/serve.py); pinned. Its
 # virtual environment (~890 MB) is a per-user cache shared by every clone of the repository,
@@ -29,6 +30,7 @@ CHDB_VENV=${LOCAL_CHDB_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/referral-pipeline/c
 KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
 CLICKHOUSE_URL=http://127.0.0.1:$CH_HTTP_PORT
 REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+WEBDRIVER_URL=http://127.0.0.1:$WEBDRIVER_PORT
 
 log() { printf '\033[1m[local]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[31m[local] error:\033[0m %s\n' "$*" >&2; exit 1; }
@@ -207,6 +209,19 @@ start_redis() {
   wait_until redis 30 redis_ping
 }
 
+# Headless Chromium and its WebDriver server, for the browser script's tests only.
+install_browser() {
+  apt_install chromium chromium
+  apt_install chromedriver chromium-driver
+}
+
+start_webdriver() {
+  port_free chromedriver "$WEBDRIVER_PORT"
+  mkdir -p "$STATE"
+  start chromedriver "$STATE" chromedriver --port="$WEBDRIVER_PORT" --allowed-ips=127.0.0.1
+  wait_until chromedriver 30 http_ok "$WEBDRIVER_URL/status"
+}
+
 start_backing_services() {
   start_broker
   start_clickhouse
@@ -215,6 +230,7 @@ start_backing_services() {
 }
 
 stop_backing_services() {
+  stop chromedriver
   stop prometheus
   stop redis
   stop clickhouse

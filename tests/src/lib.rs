@@ -110,6 +110,7 @@ where
 }
 
 mod binaries;
+mod browser;
 mod clickhouse;
 mod clients;
 mod figures;
@@ -124,6 +125,7 @@ mod report;
 mod scope;
 
 pub use binaries::*;
+pub use browser::*;
 pub use clickhouse::*;
 pub use clients::*;
 pub use figures::*;
