@@ -28,7 +28,9 @@ struct Grant {
 async fn the_lua_script_and_the_in_process_rules_agree_and_every_key_expires() {
     let redis = PrivateRedis::start().await;
     let prefix = format!("{}:", unique("store"));
-    let store = RedisStore::new(&redis.url(), &prefix, Duration::from_secs(2)).expect("store");
+    let store = RedisStore::new(&redis.url(), &prefix, Duration::from_secs(2))
+        .expect("store")
+        .with_caller_time();
     let memory = MemoryStore::default();
     let accounts = ["a1", "a2", "a3"];
     let limits = [
@@ -375,4 +377,64 @@ async fn a_call_a_click_starts_waiting_for_goes_at_once_whenever_the_wait_starts
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!idle.is_finished(), "a call nobody waits for lingers");
     idle.abort();
+}
+
+/// Two instances whose clocks differ by 90 s (each limiter's clock is the test's, one
+/// shifted) share one Redis: a free account (5 a minute) clicked through both, several
+/// times a second for 20 s, gets 5 clicks in all, and both count each other as alive.
+/// With each caller's clock as the time, the instance ahead moved the window's low mark
+/// past the other's slots, whose grants then never counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_whose_clocks_differ_by_90_s_share_one_rate_limit() {
+    use ingest::limits::{LimiterOptions, PlanLimiter};
+    let redis = PrivateRedis::start().await;
+    let prefix = format!("{}:", unique("skew"));
+    let store =
+        Arc::new(RedisStore::new(&redis.url(), &prefix, Duration::from_secs(2)).expect("store"));
+    let catalogue = Arc::new(shared::plans::Catalogue::load_or_builtin(None).expect("catalogue"));
+    let free = catalogue.index_of("free").expect("free plan");
+    let who = shared::registry::Resolved {
+        account_id: Arc::from("acct_skew"),
+        account: 0,
+        plan: free,
+        overage: false,
+    };
+    let limiter = |skew_ms: u64| {
+        PlanLimiter::with_clock(
+            Arc::clone(&store),
+            Arc::clone(&catalogue),
+            LimiterOptions {
+                wait_budget: Duration::from_millis(200),
+                store_timeout: Duration::from_secs(2),
+                expected_instances: 1,
+            },
+            Arc::new(move || shared::now_ms() + skew_ms),
+        )
+    };
+    let limiters = [Arc::new(limiter(90_000)), Arc::new(limiter(0))];
+    for l in &limiters {
+        l.heartbeat().await;
+    }
+    for l in &limiters {
+        l.heartbeat().await;
+        assert_eq!(l.instances(), 2, "each instance sees the other");
+    }
+    let started = std::time::Instant::now();
+    let mut accepted = [0u32; 2];
+    let mut attempts = 0;
+    while started.elapsed() < Duration::from_secs(20) {
+        for (i, l) in limiters.iter().enumerate() {
+            if l.check(&who).await.is_ok() {
+                accepted[i] += 1;
+            }
+            attempts += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(attempts >= 100, "{attempts} attempts");
+    assert_eq!(
+        accepted.iter().sum::<u32>(),
+        5,
+        "accepted per instance (ahead, behind): {accepted:?}"
+    );
 }

@@ -556,7 +556,23 @@ impl Inner {
         };
         *group.slots.entry(slot).or_default() += 1;
         group.total += 1;
+        self.fold_old_spends(slot);
         Ok(TicketKind::Local { slot, day })
+    }
+
+    /// Keeps per-second detail of the local spends only for the slots a lease call still
+    /// adds to the rolling window; older ones stay in their day's total (for the day and
+    /// month counters) without their slot. So an outage of hours holds at most a window's
+    /// slots per account, and the call that pays it back carries at most that many.
+    fn fold_old_spends(&mut self, slot: u64) {
+        for group in &mut self.local {
+            while let Some(entry) = group.slots.first_entry() {
+                if *entry.key() + WINDOW_SLOTS > slot {
+                    break;
+                }
+                entry.remove();
+            }
+        }
     }
 }
 
@@ -649,7 +665,8 @@ impl<S: QuotaStore> PlanLimiter<S> {
         self.degraded.load(Ordering::Relaxed)
     }
 
-    fn instances(&self) -> u32 {
+    /// How many instances share the limits, as this one last heard (at least 1).
+    pub fn instances(&self) -> u32 {
         self.instances
             .load(Ordering::Relaxed)
             .max(self.options.expected_instances)
@@ -797,6 +814,9 @@ impl<S: QuotaStore> PlanLimiter<S> {
                 s.recent.add(slot, -1);
             }
             TicketKind::Local { slot, day } => {
+                // A refund comes within the produce timeout, long before its slot is folded
+                // (`fold_old_spends`); one that finds no slot is not taken back (the store
+                // then counts one click too many, never one too few).
                 if let Some(g) = s.local.iter_mut().find(|g| g.day == day) {
                     if let Some(c) = g.slots.get_mut(&slot).filter(|c| **c > 0) {
                         *c -= 1;

@@ -528,3 +528,106 @@ fn spends_the_answer_carried_are_settled_and_later_ones_stay() {
     s.apply_answer(granted(1, 10, 10), Some(&rest), LIMITS, T0 + 2, T0 + 3, 0);
     assert!(s.local.is_empty());
 }
+
+/// An outage of 8 hours across a UTC midnight at 1,000 accounts, each clicked once a minute
+/// on one instance: the spends it keeps stay within the rolling window's slots per account,
+/// and once the store answers each account pays its outage back in one call per UTC day,
+/// each carrying at most a window's slots; the day counters then hold every click.
+#[tokio::test(start_paused = true)]
+async fn an_eight_hour_outage_stays_bounded_and_is_paid_back_in_a_few_calls() {
+    const ACCOUNTS: u32 = 1000;
+    const MINUTES: u64 = 8 * 60;
+    let c = catalogue();
+    let store = Arc::new(MemoryStore::default());
+    let clock = sim();
+    let limiter = instances(&store, 1, &clock).remove(0);
+    let big = c.index_of("big").expect("plan");
+    let accounts: Vec<Resolved> = (0..ACCOUNTS)
+        .map(|i| Resolved {
+            account_id: Arc::from(format!("acct_{i}")),
+            account: i,
+            plan: big,
+            overage: true,
+        })
+        .collect();
+    store
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let start = T0 + 8 * 3_600_000; // 20:00 UTC: the outage ends at 04:00 the next day
+    let mut accepted_after_midnight = 0u64;
+    for minute in 0..MINUTES {
+        for (i, who) in accounts.iter().enumerate() {
+            let t = start + minute * 60_000 + i as u64 * 50;
+            assert!(check_at(&clock, &limiter, who, t).await.is_ok());
+            if calendar::day(t) != calendar::day(start) && i == 0 {
+                accepted_after_midnight += 1;
+            }
+        }
+    }
+    let (most, all) = {
+        let map = limiter.accounts.read().expect("accounts");
+        let per_account: Vec<usize> = map
+            .values()
+            .map(|a| a.lock().local.iter().map(|g| g.slots.len()).sum())
+            .collect();
+        (
+            per_account.iter().copied().max().unwrap_or(0),
+            per_account.iter().sum::<usize>(),
+        )
+    };
+    // One click a minute: at most 2 of an account's slots are within 63 s of the last.
+    assert!(most <= 2, "an account kept {most} slots");
+    assert!(all <= 2 * ACCOUNTS as usize, "{all} slots kept in all");
+
+    store
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let end = start + MINUTES * 60_000;
+    set(&clock, end);
+    limiter.heartbeat().await;
+    let before = store.calls.load(std::sync::atomic::Ordering::SeqCst);
+    for round in 0..4 {
+        sweep_at(&clock, &limiter, end + round * 1000);
+        settle(10).await;
+    }
+    let calls = store.calls.load(std::sync::atomic::Ordering::SeqCst) - before;
+    // Two UTC days of spends: two calls an account.
+    assert!(
+        calls <= 2 * u64::from(ACCOUNTS),
+        "{calls} calls to pay back"
+    );
+    let max_args = store.max_args.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        max_args <= 10 + 2 * WINDOW_SLOTS,
+        "a call carried {max_args} arguments"
+    );
+    let owed: usize = limiter
+        .accounts
+        .read()
+        .expect("accounts")
+        .values()
+        .map(|a| a.lock().local.len())
+        .sum();
+    assert_eq!(owed, 0, "spends still owed after the pay-back");
+    let who = &accounts[7];
+    match store.lease_now(&LeaseRequest {
+        account: &who.account_id,
+        now_ms: end,
+        want: 0,
+        limits: limiter.limits_of(who),
+        instances: 1,
+        give_back: None,
+        spends: None,
+        urgent: Urgency::new(true),
+    }) {
+        Ok(LeaseAnswer::Granted {
+            day_used,
+            month_used,
+            ..
+        }) => {
+            assert_eq!(day_used, accepted_after_midnight);
+            assert_eq!(month_used, MINUTES);
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,13 +1,25 @@
 -- KEYS: 1 window hash (slot -> grants, plus 's' = their sum and 'c' = slots below it are
 --       gone), 2 day counter, 3 month counter, 4/5 day/month counters of the give-back,
 --       6/7 day/month counters of the spends
--- ARGV: 1 now_ms, 2 want, 3 rate limit, 4 daily cap (-1: none), 5 monthly limit (-1: none),
---       6 instances, 7 give-back tokens, 8 give-back slot, 9 spends total, 10 window slots,
---       then slot/count pairs
+-- ARGV: 1 the caller's now_ms, 2 want, 3 rate limit, 4 daily cap (-1: none), 5 monthly
+--       limit (-1: none), 6 instances, 7 give-back tokens, 8 give-back slot, 9 spends total,
+--       10 window slots, 11 whose clock is the time (0: the server's, 1: the caller's, for
+--       tests that simulate days), then slot/count pairs
 -- The sum is kept as slots come and go, so a call touches only the slots that left the
 -- window since the last one (usually one or two), not all of them.
-local now = tonumber(ARGV[1])
+--
+-- Time is the Redis server's (TIME): instances whose clocks disagree share one window, and
+-- none can move its low mark past the others' slots. The caller's clock only translates
+-- the slots it sends (its give-back and spends) into the server's, never ahead of now.
+local caller = tonumber(ARGV[1])
+local now = caller
+if ARGV[11] ~= '1' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local slot = math.floor(now / 1000)
+local shift = slot - math.floor(caller / 1000)
+local function ours(s) return math.min(s + shift, slot) end
 local window = tonumber(ARGV[10])
 local keep = slot - window + 1
 local w = KEYS[1]
@@ -46,7 +58,7 @@ end
 local gb = tonumber(ARGV[7])
 if gb > 0 then
   -- Never below zero: a slot that is gone or was never granted gives nothing back.
-  add(tonumber(ARGV[8]), -gb)
+  add(ours(tonumber(ARGV[8])), -gb)
   for _, k in ipairs({KEYS[4], KEYS[5]}) do
     local v = redis.call('DECRBY', k, gb)
     if v == -gb then redis.call('DEL', k)
@@ -55,8 +67,9 @@ if gb > 0 then
 end
 local spent = tonumber(ARGV[9])
 if spent > 0 then
-  for i = 11, #ARGV, 2 do
-    if tonumber(ARGV[i]) >= keep then add(tonumber(ARGV[i]), tonumber(ARGV[i + 1])) end
+  for i = 12, #ARGV, 2 do
+    local s = ours(tonumber(ARGV[i]))
+    if s >= keep then add(s, tonumber(ARGV[i + 1])) end
   end
   incr(KEYS[6], spent, 172800)
   incr(KEYS[7], spent, 3456000)

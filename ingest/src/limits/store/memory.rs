@@ -57,6 +57,8 @@ pub struct MemoryStore {
     pub failing: AtomicBool,
     /// Lease calls made through [`QuotaStore::lease`].
     pub calls: AtomicU64,
+    /// The most arguments one lease call carried.
+    pub max_args: AtomicU64,
 }
 
 impl Default for MemoryStore {
@@ -69,6 +71,7 @@ impl Default for MemoryStore {
             instances: Mutex::new(HashMap::new()),
             failing: AtomicBool::new(false),
             calls: AtomicU64::new(0),
+            max_args: AtomicU64::new(0),
         }
     }
 }
@@ -89,8 +92,12 @@ impl MemoryStore {
             .interpreter
             .lock()
             .map_err(|_| StoreError("poisoned".into()))?;
+        // The script reads the time with TIME, which the emulation answers with `NOW`.
+        let call = LeaseCall::new("", req, false);
+        self.max_args
+            .fetch_max(call.args.len() as u64, Ordering::SeqCst);
         let reply = interpreter
-            .run(&LeaseCall::new("", req), req.now_ms)
+            .run(&call, req.now_ms)
             .map_err(|e| StoreError(format!("lease script: {e}")))?;
         parse_lease_reply(&reply)
     }

@@ -133,6 +133,11 @@ function commands.INCRBY(key, n) return counter_add(key, tonumber(n)) end
 
 function commands.DECRBY(key, n) return counter_add(key, -tonumber(n)) end
 
+-- The server's clock: `NOW`, as two strings (seconds, microseconds), like Redis.
+function commands.TIME()
+  return { string.format('%d', math.floor(NOW / 1000)), string.format('%d', (NOW % 1000) * 1000) }
+end
+
 function commands.MGET(...)
   local out = {}
   for i, key in ipairs({ ... }) do

@@ -178,8 +178,10 @@ pub(crate) struct LeaseCall {
 
 impl LeaseCall {
     /// `prefix` namespaces the keys; the account's name is a hash tag, so all of an
-    /// account's keys live on one Redis Cluster slot.
-    pub fn new(prefix: &str, req: &LeaseRequest<'_>) -> Self {
+    /// account's keys live on one Redis Cluster slot. `caller_time`: the script takes the
+    /// request's `now_ms` as the time instead of the server's clock (tests that simulate
+    /// days against the real Redis; never in production).
+    pub fn new(prefix: &str, req: &LeaseRequest<'_>, caller_time: bool) -> Self {
         let day = calendar::day(req.now_ms);
         let month = calendar::month(req.now_ms);
         let gb = req.give_back.unwrap_or(GiveBack {
@@ -218,6 +220,7 @@ impl LeaseCall {
             wide(gb.slot),
             i64::from(spends.total),
             wide(WINDOW_SLOTS),
+            i64::from(caller_time),
         ];
         for (slot, count) in &spends.slots {
             args.push(wide(*slot));

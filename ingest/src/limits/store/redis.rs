@@ -39,6 +39,8 @@ pub struct RedisStore {
     shared: std::sync::Arc<RedisShared>,
     batches: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Msg>>,
     linger: Duration,
+    /// The scripts take the caller's clock as the time (tests only, see [`LeaseCall::new`]).
+    caller_time: bool,
 }
 
 struct RedisShared {
@@ -65,7 +67,16 @@ impl RedisStore {
             }),
             batches: std::sync::OnceLock::new(),
             linger: Duration::from_millis(BATCH_LINGER_MS),
+            caller_time: false,
         })
+    }
+
+    /// The scripts take each request's `now_ms` as the time instead of the server's clock:
+    /// for tests that simulate days against the real Redis.
+    #[cfg(any(test, feature = "memory-store"))]
+    pub fn with_caller_time(mut self) -> Self {
+        self.caller_time = true;
+        self
     }
 
     /// Another linger than [`BATCH_LINGER_MS`] (tests make it long to see what hurries).
@@ -234,7 +245,7 @@ async fn batch_calls(
 
 impl QuotaStore for RedisStore {
     async fn lease(&self, req: LeaseRequest<'_>) -> Result<LeaseAnswer, StoreError> {
-        let call = LeaseCall::new(&self.shared.prefix, &req);
+        let call = LeaseCall::new(&self.shared.prefix, &req, self.caller_time);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.shared.lease.get_hash()).arg(call.keys.len());
         for key in &call.keys {
@@ -266,6 +277,7 @@ impl QuotaStore for RedisStore {
             .arg(now_ms)
             .arg(instance)
             .arg(INSTANCE_TTL_MS)
+            .arg(i64::from(self.caller_time))
             .invoke_async(&mut con)
             .await
             .map_err(|e| StoreError(e.to_string()))?;
