@@ -281,10 +281,11 @@ impl PartitionState {
             return None;
         };
         let mut newest = 0;
+        let now_ms = shared::now_ms();
         for entry in self.entries.drain(..len) {
             if let Some(row) = entry.row {
                 self.rows -= 1;
-                newest = newest.max(row.received_at_ms);
+                newest = newest.max(trusted_stamp(row.received_at_ms, now_ms));
                 self.recent.insert(&row.click_id, row.received_at_ms);
             }
         }
@@ -294,6 +295,18 @@ impl PartitionState {
         }
         Some(range.hi + 1)
     }
+}
+
+/// How far ahead of this consumer's clock an ingest stamp may move the retry window.
+/// Instances' clocks may be off by minutes; a stamp further ahead (an instance an hour
+/// fast) would otherwise make the partition forget every id of the last hour, and the
+/// client retries of those clicks would be stored and charged twice.
+pub const FUTURE_STAMP_TOLERANCE_MS: u64 = 5 * 60_000;
+
+/// An ingest stamp as far as the retry window trusts it: at most
+/// [`FUTURE_STAMP_TOLERANCE_MS`] ahead of `now_ms` (the stamp stored is not changed).
+pub fn trusted_stamp(received_at_ms: u64, now_ms: u64) -> u64 {
+    received_at_ms.min(now_ms.saturating_add(FUTURE_STAMP_TOLERANCE_MS))
 }
 
 /// Click ids of one partition written within a window of *ingest* time, bounded in count.
@@ -549,6 +562,22 @@ mod tests {
             s.rows_to_send(&stored),
             vec![true, true, false, false, false]
         );
+    }
+
+    #[test]
+    fn a_stamp_far_ahead_moves_the_window_only_as_far_as_the_tolerance() {
+        let now = 1_796_212_800_000;
+        assert_eq!(trusted_stamp(now - 5, now), now - 5);
+        assert_eq!(trusted_stamp(now + 60_000, now), now + 60_000);
+        assert_eq!(
+            trusted_stamp(now + 3_600_000, now),
+            now + FUTURE_STAMP_TOLERANCE_MS
+        );
+        // An hour's window: ids of the last 55 minutes survive a stamp an hour ahead.
+        let mut ids = RecentIds::new(3_600_000, 100);
+        ids.insert("recent", now - 10 * 60_000);
+        ids.expire(trusted_stamp(now + 3_600_000, now));
+        assert!(ids.contains("recent"));
     }
 
     #[test]

@@ -593,6 +593,7 @@ impl Flusher {
             let Some(first) = state.first_received_ms() else {
                 continue;
             };
+            let first = crate::partition::trusted_stamp(first, shared::now_ms());
             let since = u32::try_from(first.saturating_sub(window_ms) / 1000).unwrap_or(u32::MAX);
             for (id, at) in self
                 .writer

@@ -1349,3 +1349,53 @@ async fn plan_groups_off_records_every_plan_alone() {
         scope.drop_database().await;
     }
 }
+
+/// A click stamped an hour ahead (published by an instance whose clock runs fast) does not
+/// make the partition forget the clicks before it: client retries of earlier clicks that
+/// arrive after it are each stored once. (Measured against the newest stamp alone, the
+/// retry window moved an hour on, and the retries were stored and charged twice.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_click_stamped_an_hour_ahead_does_not_make_retries_count_twice() {
+    let scope = Scope::new("eo_skew", 1).await;
+    let earlier: Vec<String> = (0..3).map(|_| random_click_id()).collect();
+    let send = |ids: Vec<(String, Vec<u8>)>| {
+        let scope = &scope;
+        async move {
+            let messages: Vec<(Option<&str>, &[u8])> = ids
+                .iter()
+                .map(|(id, e)| (Some(id.as_str()), e.as_slice()))
+                .collect();
+            produce_raw(&scope.brokers, &scope.topic, &messages).await;
+        }
+    };
+    send(earlier.iter().map(|id| (id.clone(), event(id))).collect()).await;
+    let mut opts = scope.consumer_options();
+    opts.extra_env
+        .push(("CONSUMER_BATCH_MAX_AGE_MS".into(), "100".into()));
+    let _consumer = ConsumerProc::start(&opts);
+    scope.wait_rows(3, Duration::from_secs(30)).await;
+
+    let ahead = random_click_id();
+    let mut fast: Value = serde_json::from_slice(&event(&ahead)).expect("json");
+    fast["received_at_ms"] = (shared::now_ms() + 3_600_000).into();
+    send(vec![(ahead.clone(), fast.to_string().into_bytes())]).await;
+    scope.wait_rows(4, Duration::from_secs(30)).await;
+
+    // The clients retry (ingest stamps a retry when it arrives), then one new click: once
+    // it is stored, the retries before it in the partition have been read.
+    let last = random_click_id();
+    let mut retries: Vec<(String, Vec<u8>)> =
+        earlier.iter().map(|id| (id.clone(), event(id))).collect();
+    retries.push((last.clone(), event(&last)));
+    send(retries).await;
+    let sql = format!(
+        "SELECT count() FROM {} WHERE click_id = '{last}'",
+        scope.table
+    );
+    eventually("the last click stored", Duration::from_secs(30), || async {
+        (scope.ch.scalar(&sql).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(scope.ch.counts(&scope.table).await, (5, 5));
+    scope.drop_database().await;
+}
