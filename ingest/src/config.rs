@@ -165,6 +165,19 @@ pub struct Config {
           value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_connections: usize,
 
+    /// Most connections one client address (an IPv6 /64) may hold open; more are closed at
+    /// once, so one host cannot take every connection. Peers in INGEST_TRUSTED_PROXIES are
+    /// not capped by it (behind a proxy every connection is the proxy's).
+    #[arg(long, env = "INGEST_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 256,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections_per_client: usize,
+
+    /// Requests served on one connection before it is closed (with the last answer), so a
+    /// client cannot keep one forever; a 429 closes its connection too.
+    #[arg(long, env = "INGEST_MAX_REQUESTS_PER_CONNECTION", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_requests_per_connection: u32,
+
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long = "shutdown-grace-secs", env = "INGEST_SHUTDOWN_GRACE_SECS",
           default_value = "25", value_parser = secs(..))]

@@ -92,6 +92,9 @@ pub async fn run(
         header_timeout: config.header_timeout,
         shutdown_grace: config.shutdown_grace,
         max_connections: config.max_connections,
+        max_connections_per_client: config.max_connections_per_client,
+        max_requests_per_connection: config.max_requests_per_connection,
+        uncapped_peers: config.trusted_proxies.0.clone(),
     };
     let refusals_topic = config.refusals_topic.clone();
     let app = Arc::new(App::new(

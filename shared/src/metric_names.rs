@@ -5,6 +5,8 @@
 pub const HTTP_REQUESTS_TOTAL: &str = "ingest_http_requests_total"; // labels: route, status
 pub const HTTP_REQUEST_DURATION: &str = "ingest_http_request_duration_seconds"; // labels: route
 pub const OPEN_CONNECTIONS: &str = "ingest_open_connections";
+/// Connections closed at once because their client address held its share already.
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "ingest_connections_refused_total";
 pub const CLICKS_ACCEPTED_TOTAL: &str = "ingest_clicks_accepted_total";
 pub const CLICKS_REJECTED_TOTAL: &str = "ingest_clicks_rejected_total"; // labels: reason
 pub const PRODUCE_DURATION: &str = "ingest_produce_duration_seconds";
@@ -79,6 +81,11 @@ pub fn register_ingest() {
         OPEN_CONNECTIONS,
         "Client connections open (at most INGEST_MAX_CONNECTIONS)"
     );
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "Connections closed at accept: the client address held INGEST_MAX_CONNECTIONS_PER_CLIENT"
+    );
+    counter!(CONNECTIONS_REFUSED_TOTAL).increment(0);
     describe_histogram!(
         HTTP_REQUEST_DURATION,
         Unit::Seconds,

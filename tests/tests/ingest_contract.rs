@@ -965,6 +965,134 @@ async fn an_out_of_range_setting_names_its_environment_variable() {
     );
 }
 
+/// One address opens more connections than the global cap and keeps each busy with a
+/// `GET /healthz` every 500 ms; a click from another address is still answered at once.
+/// Past its share (`INGEST_MAX_CONNECTIONS_PER_CLIENT`, 256 by default) the busy
+/// address's connections are closed at accept. (With the global cap alone, the busy
+/// address held every connection and the other client's click got no answer.)
+#[tokio::test(flavor = "multi_thread")]
+async fn one_client_cannot_hold_every_connection() {
+    let (_scope, ingest) = start(
+        "contract_per_client",
+        &[
+            ("INGEST_MAX_CONNECTIONS", "300"),
+            ("INGEST_HEADER_TIMEOUT_MS", "60000"),
+        ],
+    )
+    .await;
+    let addr = ingest.addr;
+    let busy: Vec<_> = (0..400)
+        .map(|_| {
+            tokio::spawn(async move {
+                let Ok(Ok(mut stream)) =
+                    tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
+                else {
+                    return 0u32;
+                };
+                let mut served = 0;
+                let mut buf = [0u8; 1024];
+                loop {
+                    let request = b"GET /healthz HTTP/1.1\r\nhost: ingest\r\n\r\n";
+                    if stream.write_all(request).await.is_err() {
+                        return served;
+                    }
+                    match stream.read(&mut buf).await {
+                        Ok(n) if n > 0 && buf.starts_with(b"HTTP/1.1 200") => served += 1,
+                        _ => return served,
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let started = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        other
+            .post(ingest.url(PATH))
+            .header("content-type", "application/json")
+            .body(r#"{"code":"A1B2C3D4E5F6"}"#)
+            .send(),
+    )
+    .await;
+    let waited = started.elapsed();
+    // Read from the other address: 127.0.0.1 has no connection to spare.
+    let text = other
+        .get(ingest.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let open = metric_in(&text, "ingest_open_connections", "").expect("open connections");
+    let refused = metric_in(&text, "ingest_connections_refused_total", "").expect("refused");
+    for task in &busy {
+        task.abort();
+    }
+    let status = answer
+        .expect("the other client is answered within 5 s")
+        .expect("response")
+        .status();
+    assert_eq!(status, 200);
+    assert!(waited < Duration::from_secs(1), "answered after {waited:?}");
+    assert!((256.0..=258.0).contains(&open), "{open} connections open");
+    assert!(refused >= 100.0, "{refused} refused at accept");
+}
+
+/// A connection is closed with its `INGEST_MAX_REQUESTS_PER_CONNECTION`th answer, and with
+/// a 429: a client refused for its rate does not keep the connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_ends_after_its_requests_or_a_429() {
+    let (_scope, ingest) = start(
+        "contract_conn_requests",
+        &[
+            ("INGEST_MAX_REQUESTS_PER_CONNECTION", "3"),
+            ("INGEST_RATE_LIMIT_PER_MINUTE", "1"),
+            ("INGEST_RATE_LIMIT_BURST", "1"),
+        ],
+    )
+    .await;
+    /// Sends each request on one connection; the status and `connection` header of each
+    /// answer, then whether the server closed the connection.
+    async fn exchange(addr: std::net::SocketAddr, requests: &[&str]) -> (Vec<(u16, bool)>, bool) {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let mut answers = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        for request in requests {
+            stream.write_all(request.as_bytes()).await.expect("write");
+            let n = stream.read(&mut buf).await.expect("read");
+            let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+            let status = head[9..12].parse().expect("status");
+            answers.push((status, head.contains("\r\nconnection: close\r\n")));
+        }
+        let closed = matches!(
+            tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await,
+            Ok(Ok(0))
+        );
+        (answers, closed)
+    }
+    let health = "GET /healthz HTTP/1.1\r\nhost: ingest\r\n\r\n";
+    let (answers, closed) = exchange(ingest.addr, &[health, health, health]).await;
+    assert_eq!(answers, vec![(200, false), (200, false), (200, true)]);
+    assert!(closed, "closed after the third answer");
+
+    let body = r#"{"code":"A1B2C3D4E5F6"}"#;
+    let click = format!(
+        "POST {PATH} HTTP/1.1\r\nhost: ingest\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (answers, closed) = exchange(ingest.addr, &[&click, &click]).await;
+    assert_eq!(answers, vec![(200, false), (429, true)]);
+    assert!(closed, "closed after the 429");
+}
+
 /// Far more connections than `INGEST_MAX_CONNECTIONS`: the excess waits (the process never
 /// holds more), and requests are served again as soon as connections close.
 #[tokio::test(flavor = "multi_thread")]
