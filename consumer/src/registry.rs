@@ -37,6 +37,8 @@ use shared::registry::{
 pub struct TopicMessage {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
+    /// Its place in the registry's order ([`shared::registry::message_version`]).
+    pub version: u64,
 }
 
 /// librdkafka also reports each end of partition as a global error; reading to the end is
@@ -58,7 +60,9 @@ impl ClientContext for ReaderContext {
 
 impl ConsumerContext for ReaderContext {}
 
-/// Reads a whole topic as it is now, oldest first (blocking; run off the runtime).
+/// Reads a whole topic as it is now, in the registry's order (oldest version first, so the
+/// last message of a key is the one in force, whatever partitions its messages are in;
+/// blocking: run off the runtime).
 pub fn read_to_end(config: &Config, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
     let timeout = Duration::from_secs(10);
     let consumer: BaseConsumer<ReaderContext> = client_config(config)
@@ -99,6 +103,10 @@ pub fn read_to_end(config: &Config, topic: &str) -> anyhow::Result<Vec<TopicMess
                 out.push(TopicMessage {
                     key: msg.key().map(<[u8]>::to_vec),
                     value: msg.payload().map(<[u8]>::to_vec),
+                    version: shared::registry::message_version(
+                        msg.timestamp().to_millis(),
+                        msg.partition(),
+                    ),
                 });
                 if remaining
                     .get(&msg.partition())
@@ -114,6 +122,8 @@ pub fn read_to_end(config: &Config, topic: &str) -> anyhow::Result<Vec<TopicMess
             None => {}
         }
     }
+    // Stable: messages of one partition and one version keep their offset order.
+    out.sort_by_key(|m| m.version);
     Ok(out)
 }
 
@@ -415,6 +425,7 @@ struct CodeRow {
     is_deleted: u8,
     topic: String,
     partition: u16,
+    kafka_offset: u64,
 }
 
 #[derive(Row, Serialize)]
@@ -461,7 +472,9 @@ fn skipped(kind: &'static str, topic: &str, offset: i64, why: &dyn std::fmt::Dis
 fn add_message(config: &Config, catalogue: &Catalogue, batch: &mut Batch, msg: &impl Message) {
     let topic = msg.topic();
     let offset = msg.offset();
-    let version = u64::try_from(offset).unwrap_or(0);
+    // The order every reader applies (ingest too), whatever partition a key's messages are in.
+    let version = shared::registry::message_version(msg.timestamp().to_millis(), msg.partition());
+    let kafka_offset = u64::try_from(offset).unwrap_or(0);
     let key = msg
         .key()
         .and_then(|k| std::str::from_utf8(k).ok())
@@ -520,6 +533,7 @@ fn add_message(config: &Config, catalogue: &Catalogue, batch: &mut Batch, msg: &
                 is_deleted: 1,
                 topic: topic.into(),
                 partition: u16::try_from(msg.partition()).unwrap_or(0),
+                kafka_offset,
             },
             Some(v) => match CodeRecord::decode(v) {
                 Ok(r) => CodeRow {
@@ -535,6 +549,7 @@ fn add_message(config: &Config, catalogue: &Catalogue, batch: &mut Batch, msg: &
                     is_deleted: 0,
                     topic: topic.into(),
                     partition: u16::try_from(msg.partition()).unwrap_or(0),
+                    kafka_offset,
                 },
                 Err(e) => return skipped("code", topic, offset, &e),
             },

@@ -16,13 +16,20 @@
 //! Each topic has its own consumer and thread (no group: every instance reads everything),
 //! so an end-of-partition event always names a partition of a known topic.
 //!
+//! One key's messages may sit in several partitions (any backend may write the registry,
+//! with its own partitioner, and an operator may add partitions, which the followers pick
+//! up within a second): every message is applied by its version
+//! (`shared::registry::message_version`: Kafka timestamp, then partition, then offset), so
+//! every instance, in whatever order it reads the partitions, holds the newest message of
+//! each key.
+//!
 //! A large codes topic can take long to read from the beginning (tansu's sqlite storage
 //! serves about 25,000 messages a second: 45 s for a million codes). The consumer mirrors
 //! the codes into ClickHouse with their topic, partition and offset, so the codes follower
 //! first loads that snapshot and then reads each partition only from after the newest
 //! offset the snapshot holds. The result is the same state as a full read: the snapshot
-//! holds, per code, its message at or before that offset, and everything after it is read
-//! in order. It is used only when it fits the topic (every offset between the partition's
+//! holds, per code, its newest message (with its version) among those mirrored, and every
+//! message after the snapshot's offsets is read and applied by version. It is used only when it fits the topic (every offset between the partition's
 //! first and end offset; no partitions the topic lacks); otherwise, and whenever
 //! ClickHouse does not answer, the topic is read from the beginning.
 
@@ -39,7 +46,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use shared::metric_names as m;
 use shared::plans::Catalogue;
-use shared::registry::{Registry, Resolved};
+use shared::registry::{message_version, Registry, Resolved};
 
 /// The registry shared by the request handlers and the two follower threads.
 pub struct SharedRegistry {
@@ -144,8 +151,17 @@ impl SharedRegistry {
             let mut r = self.write();
             for msg in batch {
                 let result = match kind {
-                    Kind::Accounts => r.apply_account(msg.key(), msg.payload(), &self.catalogue),
-                    Kind::Codes => r.apply_code(msg.key(), msg.payload()),
+                    Kind::Accounts => r.apply_account(
+                        msg.key(),
+                        msg.payload(),
+                        &self.catalogue,
+                        message_version(msg.timestamp().to_millis(), msg.partition()),
+                    ),
+                    Kind::Codes => r.apply_code(
+                        msg.key(),
+                        msg.payload(),
+                        message_version(msg.timestamp().to_millis(), msg.partition()),
+                    ),
                 };
                 match result {
                     Ok(()) => applied += 1,
@@ -296,6 +312,7 @@ struct CodeState {
     code: String,
     account_id: String,
     active: u8,
+    version: u64,
 }
 
 /// Loads the codes of `topic` from the snapshot into the registry; the offset to read each
@@ -322,7 +339,7 @@ fn load_snapshot(
         let positions: Vec<Position> = tokio::time::timeout(
             timeout,
             client
-                .query("SELECT partition, max(version) AS version FROM codes WHERE topic = ? GROUP BY partition")
+                .query("SELECT partition, max(kafka_offset) AS version FROM codes WHERE topic = ? GROUP BY partition")
                 .bind(topic)
                 .fetch_all(),
         )
@@ -350,7 +367,7 @@ fn load_snapshot(
             return Err(format!("the snapshot has partition {} the topic lacks", x.partition));
         }
         let mut cursor = client
-            .query("SELECT code, account_id, status = 'active' AS active FROM codes FINAL WHERE topic = ? AND is_deleted = 0")
+            .query("SELECT code, account_id, status = 'active' AS active, version FROM codes FINAL WHERE topic = ? AND is_deleted = 0")
             .bind(topic)
             .with_setting("max_execution_time", "60")
             .fetch::<CodeState>()
@@ -366,7 +383,7 @@ fn load_snapshot(
                 for c in chunk.drain(..) {
                     // A row the topic would not hold (cannot happen through the mirror) is
                     // left out, as a malformed message would be.
-                    if r.set_code(&c.code, &c.account_id, c.active == 1).is_ok() {
+                    if r.set_code(&c.code, &c.account_id, c.active == 1, c.version).is_ok() {
                         loaded += 1;
                     }
                 }
@@ -453,6 +470,8 @@ fn follow(
     let mut at_end: HashSet<i32> = HashSet::new();
     let mut skipped = 0u64;
     let mut caught_up = false;
+    let mut known: HashSet<i32> = partitions.iter().map(|(p, _, _)| *p).collect();
+    let mut looked = Instant::now();
     if pending.is_empty() {
         registry.caught_up(kind, started);
         caught_up = true;
@@ -487,5 +506,48 @@ fn follow(
             }
         }
         at_end.clear();
+        if looked.elapsed() >= NEW_PARTITIONS_EVERY {
+            looked = Instant::now();
+            follow_new_partitions(&consumer, topic, &mut known);
+        }
+    }
+}
+
+/// How often a follower looks for partitions added to its topic while it runs.
+const NEW_PARTITIONS_EVERY: Duration = Duration::from_secs(1);
+
+/// Partitions added to the topic since the follower started (an operator may add them,
+/// and another writer may use them at once) are read from their beginning. Their messages
+/// take their place by version like any other, so the order they are read in is no matter.
+fn follow_new_partitions(consumer: &Follower, topic: &str, known: &mut HashSet<i32>) {
+    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) else {
+        return;
+    };
+    let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return;
+    };
+    let mut added = TopicPartitionList::new();
+    for p in t.partitions().iter().map(|p| p.id()) {
+        if !known.contains(&p) {
+            let _ = added.add_partition_offset(topic, p, Offset::Beginning);
+        }
+    }
+    if added.count() == 0 {
+        return;
+    }
+    match consumer.incremental_assign(&added) {
+        Ok(()) => {
+            for e in added.elements() {
+                known.insert(e.partition());
+            }
+            tracing::info!(
+                topic,
+                added = added.count(),
+                "registry topic has new partitions: reading them"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "new registry partitions not assigned; retrying")
+        }
     }
 }

@@ -216,6 +216,21 @@ fn key_str(key: Option<&[u8]>) -> Result<&str, RecordError> {
     std::str::from_utf8(key.unwrap_or_default()).map_err(|_| RecordError::Key("not UTF-8".into()))
 }
 
+/// A registry message's place in the one order every reader applies, whatever order its
+/// partitions are read in: the newer Kafka timestamp wins; on equal timestamps, the higher
+/// partition; within one partition, the later offset (a partition is read in order, and a
+/// message replaces one of an equal version). Any backend may write the registry, with any
+/// partitioner, and an operator may add partitions: one key's messages can then sit in
+/// several partitions, and without one order instances would disagree.
+pub fn message_version(timestamp_ms: Option<i64>, partition: i32) -> u64 {
+    const TS_BITS: u32 = 44; // milliseconds until the year 2527
+    let ts = timestamp_ms
+        .filter(|t| *t > 0)
+        .map_or(0, |t| (t as u64).min((1 << TS_BITS) - 1));
+    let partition = u64::try_from(partition).unwrap_or(0).min((1 << 20) - 1);
+    (ts << 20) | partition
+}
+
 /// What a click's code resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
@@ -239,6 +254,8 @@ struct AccountState {
 struct AccountSlot {
     id: Arc<str>,
     state: Option<AccountState>,
+    /// Of the message that set `state` ([`message_version`]).
+    version: u64,
 }
 
 /// A code's account slot, with the code's status in the top bit.
@@ -247,7 +264,39 @@ struct CodeEntry(u32);
 
 const ACTIVE_BIT: u32 = 1 << 31;
 
+/// A code and the version of the message that set it. A deleted code (tombstone) stays as
+/// [`CodeEntry::DELETED`], so an older message read later cannot bring it back.
+#[derive(Debug, Clone, Copy)]
+struct Versioned {
+    entry: CodeEntry,
+    version: u64,
+}
+
+/// Puts `new` unless the map holds a newer version; the entry it replaced (or `None` when
+/// there was none), or `Err` when `new` is older than what is there.
+fn put<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Versioned>,
+    key: K,
+    new: Versioned,
+) -> Result<Option<Versioned>, ()> {
+    use std::collections::hash_map::Entry;
+    match map.entry(key) {
+        Entry::Occupied(mut o) if o.get().version <= new.version => Ok(Some(o.insert(new))),
+        Entry::Occupied(_) => Err(()),
+        Entry::Vacant(v) => {
+            v.insert(new);
+            Ok(None)
+        }
+    }
+}
+
 impl CodeEntry {
+    const DELETED: Self = Self(!ACTIVE_BIT);
+
+    fn is_deleted(self) -> bool {
+        self.0 == Self::DELETED.0
+    }
+
     fn new(slot: u32, active: bool) -> Self {
         Self(slot | if active { ACTIVE_BIT } else { 0 })
     }
@@ -291,18 +340,22 @@ fn pack(code: &str) -> Option<Packed> {
 pub struct Registry {
     accounts: Vec<AccountSlot>,
     account_index: HashMap<Arc<str>, u32>,
-    short_codes: HashMap<u64, CodeEntry>,
-    wide_codes: HashMap<[u64; 2], CodeEntry>,
-    long_codes: HashMap<Box<str>, CodeEntry>,
+    short_codes: HashMap<u64, Versioned>,
+    wide_codes: HashMap<[u64; 2], Versioned>,
+    long_codes: HashMap<Box<str>, Versioned>,
+    /// Entries of deleted codes (kept for their version).
+    deleted_codes: usize,
 }
 
 impl Registry {
-    /// Applies one `referral_accounts` message. On error nothing changes.
+    /// Applies one `referral_accounts` message of `version` ([`message_version`]); an older
+    /// one than the account's is ignored. On error nothing changes.
     pub fn apply_account(
         &mut self,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         catalogue: &Catalogue,
+        version: u64,
     ) -> Result<(), RecordError> {
         let id = key_str(key)?;
         check_account_id(id).map_err(RecordError::Key)?;
@@ -320,68 +373,68 @@ impl Registry {
                 })
             }
         };
-        let slot = self.slot_of(id);
-        self.accounts[slot as usize].state = state;
+        let i = self.slot_of(id) as usize;
+        let slot = &mut self.accounts[i];
+        if slot.version <= version {
+            slot.state = state;
+            slot.version = version;
+        }
         Ok(())
     }
 
-    /// Applies one `referral_codes` message. On error nothing changes.
+    /// Applies one `referral_codes` message of `version` ([`message_version`]); an older one
+    /// than the code's is ignored. On error nothing changes.
     pub fn apply_code(
         &mut self,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
+        version: u64,
     ) -> Result<(), RecordError> {
         let code = key_str(key)?;
         check_code(code).map_err(RecordError::Key)?;
         let entry = match value {
-            None => None,
+            None => CodeEntry::DELETED,
             Some(v) => {
                 let record = CodeRecord::decode(v)?;
                 let slot = self.slot_of(&record.account);
-                Some(CodeEntry::new(slot, record.status == CodeStatus::Active))
+                CodeEntry::new(slot, record.status == CodeStatus::Active)
             }
         };
-        match (pack(code), entry) {
-            (Some(Packed::Short(k)), Some(e)) => {
-                self.short_codes.insert(k, e);
-            }
-            (Some(Packed::Short(k)), None) => {
-                self.short_codes.remove(&k);
-            }
-            (Some(Packed::Wide(k)), Some(e)) => {
-                self.wide_codes.insert(k, e);
-            }
-            (Some(Packed::Wide(k)), None) => {
-                self.wide_codes.remove(&k);
-            }
-            (None, Some(e)) => {
-                self.long_codes.insert(code.into(), e);
-            }
-            (None, None) => {
-                self.long_codes.remove(code);
-            }
-        }
+        self.put_code(code, Versioned { entry, version });
         Ok(())
     }
 
     /// Sets a code's state directly (a snapshot of the topic, e.g. from ClickHouse's
-    /// mirror), with the checks `apply_code` makes. On error nothing changes.
-    pub fn set_code(&mut self, code: &str, account: &str, active: bool) -> Result<(), RecordError> {
+    /// mirror, with the version of the message it came from), with the checks `apply_code`
+    /// makes. On error nothing changes.
+    pub fn set_code(
+        &mut self,
+        code: &str,
+        account: &str,
+        active: bool,
+        version: u64,
+    ) -> Result<(), RecordError> {
         check_code(code).map_err(RecordError::Key)?;
         check_account_id(account).map_err(RecordError::Malformed)?;
         let entry = CodeEntry::new(self.slot_of(account), active);
-        match pack(code) {
-            Some(Packed::Short(k)) => {
-                self.short_codes.insert(k, entry);
-            }
-            Some(Packed::Wide(k)) => {
-                self.wide_codes.insert(k, entry);
-            }
-            None => {
-                self.long_codes.insert(code.into(), entry);
-            }
-        }
+        self.put_code(code, Versioned { entry, version });
         Ok(())
+    }
+
+    fn put_code(&mut self, code: &str, new: Versioned) {
+        let replaced = match pack(code) {
+            Some(Packed::Short(k)) => put(&mut self.short_codes, k, new),
+            Some(Packed::Wide(k)) => put(&mut self.wide_codes, k, new),
+            None => put(&mut self.long_codes, code.into(), new),
+        };
+        // An older message changes nothing.
+        let Ok(old) = replaced else { return };
+        let was_deleted = old.is_some_and(|o| o.entry.is_deleted());
+        match (was_deleted, new.entry.is_deleted()) {
+            (false, true) => self.deleted_codes += 1,
+            (true, false) => self.deleted_codes -= 1,
+            _ => {}
+        }
     }
 
     fn slot_of(&mut self, id: &str) -> u32 {
@@ -393,6 +446,7 @@ impl Registry {
         self.accounts.push(AccountSlot {
             id: Arc::clone(&id),
             state: None,
+            version: 0,
         });
         self.account_index.insert(id, slot);
         slot
@@ -416,12 +470,13 @@ impl Registry {
     }
 
     fn entry(&self, code: &str) -> Option<&CodeEntry> {
-        match pack(code) {
+        let found = match pack(code) {
             Some(Packed::Short(k)) => self.short_codes.get(&k),
             Some(Packed::Wide(k)) => self.wide_codes.get(&k),
             None if code.len() <= MAX_CODE_LEN => self.long_codes.get(code),
             None => None,
-        }
+        };
+        found.map(|v| &v.entry).filter(|e| !e.is_deleted())
     }
 
     /// The id of the account in `slot` (see [`Resolved::account`]).
@@ -449,7 +504,7 @@ impl Registry {
     }
 
     pub fn code_count(&self) -> usize {
-        self.short_codes.len() + self.wide_codes.len() + self.long_codes.len()
+        self.short_codes.len() + self.wide_codes.len() + self.long_codes.len() - self.deleted_codes
     }
 
     pub fn account_count(&self) -> usize {
@@ -479,10 +534,10 @@ mod tests {
         let mut r = Registry::default();
         let k = Some(&b"A1B2C3D4E5F6"[..]);
         // Code before its account (topics are read independently): not resolvable yet.
-        r.apply_code(k, Some(&code("acct_1", "active")))
+        r.apply_code(k, Some(&code("acct_1", "active")), 0)
             .expect("code");
         assert_eq!(r.resolve("A1B2C3D4E5F6"), None);
-        r.apply_account(Some(b"acct_1"), Some(&account("pro", "active")), &c)
+        r.apply_account(Some(b"acct_1"), Some(&account("pro", "active")), &c, 0)
             .expect("account");
         let got = r.resolve("A1B2C3D4E5F6").expect("resolves");
         assert_eq!(
@@ -490,44 +545,122 @@ mod tests {
             ("acct_1", c.index_of("pro").expect("pro"))
         );
 
-        r.apply_code(k, Some(&code("acct_1", "disabled")))
+        r.apply_code(k, Some(&code("acct_1", "disabled")), 0)
             .expect("disable");
         assert_eq!(r.resolve("A1B2C3D4E5F6"), None);
-        r.apply_code(k, Some(&code("acct_1", "active")))
+        r.apply_code(k, Some(&code("acct_1", "active")), 0)
             .expect("re-activate");
-        r.apply_account(Some(b"acct_1"), Some(&account("pro", "suspended")), &c)
+        r.apply_account(Some(b"acct_1"), Some(&account("pro", "suspended")), &c, 0)
             .expect("suspend");
         assert_eq!(r.resolve("A1B2C3D4E5F6"), None);
-        r.apply_account(Some(b"acct_1"), Some(&account("free", "active")), &c)
+        r.apply_account(Some(b"acct_1"), Some(&account("free", "active")), &c, 0)
             .expect("reinstate");
         assert!(r.resolve("A1B2C3D4E5F6").is_some());
-        r.apply_account(Some(b"acct_1"), None, &c)
+        r.apply_account(Some(b"acct_1"), None, &c, 0)
             .expect("account tombstone");
         assert_eq!(r.resolve("A1B2C3D4E5F6"), None);
         assert!(r.has_code("A1B2C3D4E5F6"));
-        r.apply_code(k, None).expect("code tombstone");
+        r.apply_code(k, None, 0).expect("code tombstone");
         assert!(!r.has_code("A1B2C3D4E5F6"));
         assert_eq!(r.resolve("UNKNOWNCODE1"), None);
+    }
+
+    /// One code's add and disable in two partitions (another writer's partitioner, or
+    /// partitions added): every read order gives the newer message's answer, a tombstone
+    /// is not undone by an older add read after it, and within a partition the later
+    /// message wins a tie.
+    #[test]
+    fn the_newest_message_wins_whatever_order_partitions_are_read_in() {
+        let c = catalogue();
+        let add = |p: i32, ts: i64| (message_version(Some(ts), p), Some(code("a", "active")));
+        let disable = |p: i32, ts: i64| (message_version(Some(ts), p), Some(code("a", "disabled")));
+        /// A message: its version and value (`None`: a tombstone).
+        type Message = (u64, Option<Vec<u8>>);
+        let cases: Vec<(&str, Vec<Message>, bool)> = vec![
+            (
+                "add p0, newer disable p1",
+                vec![add(0, 1_000), disable(1, 2_000)],
+                false,
+            ),
+            (
+                "disable p0, newer add p1",
+                vec![disable(0, 1_000), add(1, 2_000)],
+                true,
+            ),
+            (
+                "newer disable p0, add p1",
+                vec![disable(0, 2_000), add(1, 1_000)],
+                false,
+            ),
+            (
+                "same time: the higher partition",
+                vec![add(3, 1_000), disable(1, 1_000)],
+                true,
+            ),
+            (
+                "tombstone, older add elsewhere",
+                vec![(message_version(Some(2_000), 0), None), add(1, 1_000)],
+                false,
+            ),
+        ];
+        for (what, messages, active) in cases {
+            for order in [messages.clone(), messages.iter().rev().cloned().collect()] {
+                let mut r = Registry::default();
+                r.apply_account(Some(b"a"), Some(&account("pro", "active")), &c, 0)
+                    .expect("account");
+                for (version, value) in &order {
+                    r.apply_code(Some(b"CODE1"), value.as_deref(), *version)
+                        .expect("code");
+                }
+                assert_eq!(r.resolve("CODE1").is_some(), active, "{what}");
+            }
+        }
+        // One partition, one timestamp: read in order, the later message wins.
+        let mut r = Registry::default();
+        let v = message_version(Some(5_000), 2);
+        r.apply_account(Some(b"a"), Some(&account("pro", "active")), &c, v)
+            .expect("account");
+        r.apply_code(Some(b"CODE1"), Some(&code("a", "active")), v)
+            .expect("add");
+        r.apply_code(Some(b"CODE1"), Some(&code("a", "disabled")), v)
+            .expect("disable");
+        assert!(r.resolve("CODE1").is_none());
+        // A deleted code is not counted, and an add newer than its tombstone brings it back.
+        r.apply_code(Some(b"CODE1"), None, v + (1 << 20))
+            .expect("tombstone");
+        assert_eq!((r.code_count(), r.has_code("CODE1")), (0, false));
+        r.apply_code(Some(b"CODE1"), Some(&code("a", "active")), v + (2 << 20))
+            .expect("add");
+        assert_eq!(r.code_count(), 1);
+        // Accounts likewise: an older suspension read later changes nothing.
+        r.apply_account(
+            Some(b"a"),
+            Some(&account("pro", "suspended")),
+            &c,
+            v - (1 << 20),
+        )
+        .expect("older");
+        assert!(r.resolve("CODE1").is_some());
     }
 
     #[test]
     fn malformed_messages_change_nothing() {
         let c = catalogue();
         let mut r = Registry::default();
-        r.apply_account(Some(b"acct_1"), Some(&account("pro", "active")), &c)
+        r.apply_account(Some(b"acct_1"), Some(&account("pro", "active")), &c, 0)
             .expect("account");
-        r.apply_code(Some(b"CODE1"), Some(&code("acct_1", "active")))
+        r.apply_code(Some(b"CODE1"), Some(&code("acct_1", "active")), 0)
             .expect("code");
         let errors = [
-            r.apply_account(Some(b"acct_1"), Some(b"{not json"), &c),
-            r.apply_account(Some(b"acct_1"), Some(&account("platinum", "active")), &c),
-            r.apply_account(Some(b"acct_1"), Some(br#"{"v":2,"plan":"free"}"#), &c),
-            r.apply_account(Some(b"bad id!"), Some(&account("pro", "active")), &c),
-            r.apply_account(None, Some(&account("pro", "active")), &c),
-            r.apply_code(Some(b"CODE1"), Some(&code("acct_1", "gone"))),
-            r.apply_code(Some(b"CODE1"), Some(&code("bad id!", "active"))),
-            r.apply_code(Some(b"lower"), Some(&code("acct_1", "active"))),
-            r.apply_code(Some(&[0xff, 0xfe]), None),
+            r.apply_account(Some(b"acct_1"), Some(b"{not json"), &c, 0),
+            r.apply_account(Some(b"acct_1"), Some(&account("platinum", "active")), &c, 0),
+            r.apply_account(Some(b"acct_1"), Some(br#"{"v":2,"plan":"free"}"#), &c, 0),
+            r.apply_account(Some(b"bad id!"), Some(&account("pro", "active")), &c, 0),
+            r.apply_account(None, Some(&account("pro", "active")), &c, 0),
+            r.apply_code(Some(b"CODE1"), Some(&code("acct_1", "gone")), 0),
+            r.apply_code(Some(b"CODE1"), Some(&code("bad id!", "active")), 0),
+            r.apply_code(Some(b"lower"), Some(&code("acct_1", "active")), 0),
+            r.apply_code(Some(&[0xff, 0xfe]), None, 0),
         ];
         let labels: Vec<_> = errors
             .iter()
@@ -554,6 +687,7 @@ mod tests {
             Some(b"acct_1"),
             Some(br#"{"v":1,"plan":"free","overage":false,"status":"active","region":"eu"}"#),
             &c,
+            0,
         )
         .expect("newer minor");
     }
@@ -562,7 +696,7 @@ mod tests {
     fn long_and_short_codes_are_kept_apart_and_packing_is_injective() {
         let mut r = Registry::default();
         let c = catalogue();
-        r.apply_account(Some(b"a"), Some(&account("pro", "active")), &c)
+        r.apply_account(Some(b"a"), Some(&account("pro", "active")), &c, 0)
             .expect("account");
         let long = "Z".repeat(40);
         for k in [
@@ -575,19 +709,19 @@ mod tests {
             &"9".repeat(24),
             &long,
         ] {
-            r.apply_code(Some(k.as_bytes()), Some(&code("a", "active")))
+            r.apply_code(Some(k.as_bytes()), Some(&code("a", "active")), 0)
                 .expect(k);
         }
         assert_eq!(r.code_count(), 8);
-        r.set_code("SNAP01", "a", false).expect("set");
+        r.set_code("SNAP01", "a", false, 0).expect("set");
         assert!(r.has_code("SNAP01") && r.resolve("SNAP01").is_none());
-        r.set_code("SNAP01", "a", true).expect("set");
+        r.set_code("SNAP01", "a", true, 0).expect("set");
         assert!(r.resolve("SNAP01").is_some());
         assert!(
-            r.set_code("lower", "a", true).is_err()
-                && r.set_code("SNAP02", "bad id!", true).is_err()
+            r.set_code("lower", "a", true, 0).is_err()
+                && r.set_code("SNAP02", "bad id!", true, 0).is_err()
         );
-        r.apply_code(Some(b"SNAP01"), None).expect("tombstone");
+        r.apply_code(Some(b"SNAP01"), None, 0).expect("tombstone");
         assert!(r.resolve(&"9".repeat(13)).is_some() && r.resolve(&"9".repeat(12)).is_none());
         assert!(r.resolve(&long).is_some() && r.resolve(&"Z".repeat(39)).is_none());
         assert!(r.resolve("AAA").is_none() && r.resolve("B").is_none());

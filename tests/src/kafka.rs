@@ -153,3 +153,35 @@ pub async fn produce_raw(brokers: &str, topic: &str, messages: &[(Option<&str>, 
             .expect("produce");
     }
 }
+
+/// One message placed by hand: its partition and Kafka timestamp (what another writer, with
+/// its own partitioner and clock, may produce); `None` is a tombstone.
+pub struct Placed<'a> {
+    pub partition: i32,
+    pub timestamp_ms: i64,
+    pub key: &'a str,
+    pub value: Option<&'a [u8]>,
+}
+
+/// Produces each message to its partition with its timestamp, acks=all, in order.
+pub async fn produce_placed(brokers: &str, topic: &str, messages: &[Placed<'_>]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .create()
+        .expect("producer");
+    for m in messages {
+        let mut record = FutureRecord::<str, [u8]>::to(topic)
+            .key(m.key)
+            .partition(m.partition)
+            .timestamp(m.timestamp_ms);
+        if let Some(v) = m.value {
+            record = record.payload(v);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .expect("produce");
+    }
+}

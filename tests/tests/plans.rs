@@ -480,6 +480,112 @@ async fn a_new_ingest_loads_the_codes_from_clickhouse_and_reads_only_the_tail() 
     scope.drop_database().await;
 }
 
+/// One code's add and disable in two partitions of the codes topic (another writer's
+/// partitioner, or partitions added): an ingest instance, a second one, one started after
+/// the consumer mirrored the topic (loading ClickHouse's snapshot) and the mirror itself
+/// all hold the newer message, whichever partition it is in. (Applied in read order, the
+/// instances and the mirror each kept whichever partition they read last.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_code_in_two_partitions_gets_the_newest_answer_everywhere() {
+    use shared::registry::{CodeRecord, CodeStatus};
+    let scope = Scope::new("plans_partitions", 1).await;
+    let add = CodeRecord::new(&scope.account, CodeStatus::Active).encode();
+    let disable = CodeRecord::new(&scope.account, CodeStatus::Disabled).encode();
+    let t = shared::now_ms() as i64 - 60_000;
+    // (code, message in partition 0, message in partition 1, the newer one's answer)
+    /// A message's value and Kafka timestamp.
+    type Message<'a> = (&'a [u8], i64);
+    let cases: [(&str, Message, Message, u16); 4] = [
+        ("PARTA0000001", (&add, t), (&disable, t + 1000), 400),
+        ("PARTB0000002", (&disable, t + 1000), (&add, t), 400),
+        ("PARTC0000003", (&disable, t), (&add, t + 1000), 200),
+        ("PARTD0000004", (&add, t + 1000), (&disable, t), 200),
+    ];
+    let mut placed = Vec::new();
+    for (code, (v0, t0), (v1, t1), _) in &cases {
+        placed.push(Placed {
+            partition: 0,
+            timestamp_ms: *t0,
+            key: code,
+            value: Some(*v0),
+        });
+        placed.push(Placed {
+            partition: 1,
+            timestamp_ms: *t1,
+            key: code,
+            value: Some(*v1),
+        });
+    }
+    produce_placed(&scope.brokers, &scope.registry.codes, &placed).await;
+
+    let c = http();
+    let answers = |url: String| {
+        let c = c.clone();
+        async move {
+            let mut got = Vec::new();
+            for (code, _, _, _) in &cases {
+                got.push(post(&c, &url, code).await.0);
+            }
+            got
+        }
+    };
+    let want: Vec<u16> = cases.iter().map(|c| c.3).collect();
+    let first = Ingest::start(&scope.ingest_options());
+    first.ready().await;
+    assert_eq!(answers(first.url(PATH)).await, want, "first instance");
+    let second = Ingest::start(&scope.ingest_options());
+    second.ready().await;
+    assert_eq!(answers(second.url(PATH)).await, want, "second instance");
+    drop(second);
+
+    let consumer = ConsumerProc::start(&scope.consumer_options());
+    consumer.ready().await;
+    let db = ClickHouse::new(&format!(
+        "{}/?database={}",
+        clickhouse_url(),
+        scope.database
+    ));
+    let sql = "SELECT code, status FROM codes FINAL WHERE code LIKE 'PART%' ORDER BY code";
+    let mirrored = eventually("the codes mirrored", Duration::from_secs(60), || async {
+        let rows = db.rows(sql).await;
+        (rows.len() == cases.len()).then_some(rows)
+    })
+    .await;
+    let statuses: Vec<u16> = mirrored
+        .iter()
+        .map(|r| if r["status"] == "active" { 200 } else { 400 })
+        .collect();
+    assert_eq!(statuses, want, "the mirror: {mirrored:?}");
+    let mut opts = scope.ingest_options();
+    opts.extra_env = vec![
+        (
+            "INGEST_REGISTRY_CLICKHOUSE_URL".to_owned(),
+            clickhouse_url(),
+        ),
+        (
+            "INGEST_REGISTRY_CLICKHOUSE_DATABASE".to_owned(),
+            scope.database.clone(),
+        ),
+    ];
+    let from_snapshot = Ingest::start(&opts);
+    from_snapshot.ready().await;
+    assert!(
+        from_snapshot
+            .proc
+            .log_text()
+            .contains("registry codes loaded from ClickHouse"),
+        "{}",
+        from_snapshot.proc.log_text()
+    );
+    assert_eq!(
+        answers(from_snapshot.url(PATH)).await,
+        want,
+        "from the snapshot"
+    );
+
+    scope.drop_database().await;
+}
+
 /// The test catalogue of the limits bar: the docs page's rate limits, with daily and
 /// monthly figures short enough to be reached in three minutes.
 fn short_catalogue() -> PathBuf {
