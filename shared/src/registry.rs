@@ -265,11 +265,31 @@ struct CodeEntry(u32);
 const ACTIVE_BIT: u32 = 1 << 31;
 
 /// A code and the version of the message that set it. A deleted code (tombstone) stays as
-/// [`CodeEntry::DELETED`], so an older message read later cannot bring it back.
+/// [`CodeEntry::DELETED`], so an older message read later cannot bring it back. Held as
+/// 32-bit words (12 bytes, 4-aligned): with a short code's key, also two 32-bit words, a
+/// table slot is 20 bytes instead of the 24 a `u64` would pad it to.
 #[derive(Debug, Clone, Copy)]
 struct Versioned {
     entry: CodeEntry,
-    version: u64,
+    version: [u32; 2],
+}
+
+impl Versioned {
+    fn new(entry: CodeEntry, version: u64) -> Self {
+        Self {
+            entry,
+            version: [(version >> 32) as u32, version as u32],
+        }
+    }
+
+    fn version(&self) -> u64 {
+        (u64::from(self.version[0]) << 32) | u64::from(self.version[1])
+    }
+}
+
+/// A short code's packed value as the table's key (two 32-bit words, see [`Versioned`]).
+fn short_key(k: u64) -> [u32; 2] {
+    [(k >> 32) as u32, k as u32]
 }
 
 /// Puts `new` unless the map holds a newer version; the entry it replaced (or `None` when
@@ -281,7 +301,7 @@ fn put<K: std::hash::Hash + Eq>(
 ) -> Result<Option<Versioned>, ()> {
     use std::collections::hash_map::Entry;
     match map.entry(key) {
-        Entry::Occupied(mut o) if o.get().version <= new.version => Ok(Some(o.insert(new))),
+        Entry::Occupied(mut o) if o.get().version() <= new.version() => Ok(Some(o.insert(new))),
         Entry::Occupied(_) => Err(()),
         Entry::Vacant(v) => {
             v.insert(new);
@@ -340,7 +360,7 @@ fn pack(code: &str) -> Option<Packed> {
 pub struct Registry {
     accounts: Vec<AccountSlot>,
     account_index: HashMap<Arc<str>, u32>,
-    short_codes: HashMap<u64, Versioned>,
+    short_codes: HashMap<[u32; 2], Versioned>,
     wide_codes: HashMap<[u64; 2], Versioned>,
     long_codes: HashMap<Box<str>, Versioned>,
     /// Entries of deleted codes (kept for their version).
@@ -400,7 +420,7 @@ impl Registry {
                 CodeEntry::new(slot, record.status == CodeStatus::Active)
             }
         };
-        self.put_code(code, Versioned { entry, version });
+        self.put_code(code, Versioned::new(entry, version));
         Ok(())
     }
 
@@ -417,13 +437,13 @@ impl Registry {
         check_code(code).map_err(RecordError::Key)?;
         check_account_id(account).map_err(RecordError::Malformed)?;
         let entry = CodeEntry::new(self.slot_of(account), active);
-        self.put_code(code, Versioned { entry, version });
+        self.put_code(code, Versioned::new(entry, version));
         Ok(())
     }
 
     fn put_code(&mut self, code: &str, new: Versioned) {
         let replaced = match pack(code) {
-            Some(Packed::Short(k)) => put(&mut self.short_codes, k, new),
+            Some(Packed::Short(k)) => put(&mut self.short_codes, short_key(k), new),
             Some(Packed::Wide(k)) => put(&mut self.wide_codes, k, new),
             None => put(&mut self.long_codes, code.into(), new),
         };
@@ -471,7 +491,7 @@ impl Registry {
 
     fn entry(&self, code: &str) -> Option<&CodeEntry> {
         let found = match pack(code) {
-            Some(Packed::Short(k)) => self.short_codes.get(&k),
+            Some(Packed::Short(k)) => self.short_codes.get(&short_key(k)),
             Some(Packed::Wide(k)) => self.wide_codes.get(&k),
             None if code.len() <= MAX_CODE_LEN => self.long_codes.get(code),
             None => None,
@@ -690,6 +710,11 @@ mod tests {
             0,
         )
         .expect("newer minor");
+    }
+
+    #[test]
+    fn a_short_codes_table_slot_stays_20_bytes() {
+        assert_eq!(std::mem::size_of::<([u32; 2], Versioned)>(), 20);
     }
 
     #[test]
