@@ -144,18 +144,11 @@ pub fn gunzip(raw: &[u8], limit: usize) -> Result<Bytes, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::headers;
     use flate2::write::GzEncoder;
     use flate2::Compression;
     use hyper::header::HeaderValue;
     use std::io::Write;
-
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(*k, HeaderValue::from_static(v));
-        }
-        h
-    }
 
     fn gz(data: &[u8]) -> Vec<u8> {
         let mut e = GzEncoder::new(Vec::new(), Compression::default());

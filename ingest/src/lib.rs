@@ -15,6 +15,8 @@ pub mod refusals;
 pub mod registry;
 pub mod script;
 pub mod server;
+#[cfg(test)]
+mod test_support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -120,15 +120,8 @@ fn accepts_gzip(header: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::headers;
     use http_body_util::BodyExt;
-
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(*k, HeaderValue::from_static(v));
-        }
-        h
-    }
 
     async fn body_of(r: Response<Body>) -> Bytes {
         r.into_body()
