@@ -40,6 +40,24 @@ pub enum Command {
     /// Referral codes (the `referral_codes` topic).
     #[command(subcommand)]
     Codes(CodesCommand),
+    /// API keys of the conversions endpoint (the `referral_keys` topic).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysCommand {
+    /// Makes a key for an account and prints its secret, once: only its hash is stored.
+    Create {
+        account: String,
+        /// What the key is for (shown by `keys list`).
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Revokes a key: requests with its secret get 401.
+    Revoke { key_id: String },
+    /// Lists keys (ids, names, accounts, statuses; never secrets), of one account or all.
+    List { account: Option<String> },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -326,6 +344,10 @@ pub struct Config {
     #[arg(long, env = "CONSUMER_CODES_TOPIC", default_value = shared::registry::CODES_TOPIC, global = true)]
     pub codes_topic: String,
 
+    /// The API keys of the conversions endpoint (compacted; hashes, never secrets).
+    #[arg(long, env = "CONSUMER_KEYS_TOPIC", default_value = shared::registry::KEYS_TOPIC, global = true)]
+    pub keys_topic: String,
+
     /// Refused-click counts published by ingest.
     #[arg(long, env = "CONSUMER_REFUSALS_TOPIC", default_value = shared::registry::REFUSALS_TOPIC, global = true)]
     pub refusals_topic: String,
@@ -397,16 +419,17 @@ impl Config {
         let registry = [
             &self.accounts_topic,
             &self.codes_topic,
+            &self.keys_topic,
             &self.refusals_topic,
         ];
-        if registry
-            .iter()
-            .any(|t| t.is_empty() || **t == self.kafka_topic || **t == self.dlq_topic)
-            || registry[0] == registry[1]
-            || registry[1] == registry[2]
-            || registry[0] == registry[2]
-        {
-            return Err("CONSUMER_ACCOUNTS_TOPIC, CONSUMER_CODES_TOPIC, CONSUMER_REFUSALS_TOPIC: must be set and differ from each other and from the click topics".into());
+        let clash = registry.iter().enumerate().any(|(i, t)| {
+            t.is_empty()
+                || **t == self.kafka_topic
+                || **t == self.dlq_topic
+                || registry[..i].contains(t)
+        });
+        if clash {
+            return Err("CONSUMER_ACCOUNTS_TOPIC, CONSUMER_CODES_TOPIC, CONSUMER_KEYS_TOPIC, CONSUMER_REFUSALS_TOPIC: must be set and differ from each other and from the click topics".into());
         }
         if self.group_id.is_empty() {
             return Err("CONSUMER_GROUP_ID: must not be empty".into());

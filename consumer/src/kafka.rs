@@ -318,6 +318,8 @@ pub async fn create_topics(config: &Config) -> anyhow::Result<()> {
             replication(),
         )
         .set("cleanup.policy", "compact"),
+        // Read whole by every ingest instance, like the accounts: one partition.
+        NewTopic::new(&config.keys_topic, 1, replication()).set("cleanup.policy", "compact"),
         NewTopic::new(&config.refusals_topic, 1, replication()),
     ];
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod kafka;
+pub mod keys;
 pub mod migrations;
 pub mod ops;
 pub mod partition;
@@ -35,6 +36,7 @@ pub async fn main(
         }
         Command::Accounts(cmd) => registry::accounts(&config, &catalogue, cmd).await,
         Command::Codes(cmd) => registry::codes(&config, cmd).await,
+        Command::Keys(cmd) => keys::keys(&config, cmd).await,
         Command::Run => run(config, Arc::new(catalogue), shutdown).await,
     }
 }

@@ -127,14 +127,16 @@ pub fn read_to_end(config: &Config, topic: &str) -> anyhow::Result<Vec<TopicMess
     Ok(out)
 }
 
-async fn read_topic(config: &Config, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
+pub(crate) async fn read_topic(config: &Config, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
     let config = config.clone();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || read_to_end(&config, &topic)).await?
 }
 
 /// The latest valid record of every account (tombstoned ones removed).
-async fn current_accounts(config: &Config) -> anyhow::Result<HashMap<String, AccountRecord>> {
+pub(crate) async fn current_accounts(
+    config: &Config,
+) -> anyhow::Result<HashMap<String, AccountRecord>> {
     let mut accounts = HashMap::new();
     for msg in read_topic(config, &config.accounts_topic).await? {
         let Some(key) = msg.key.and_then(|k| String::from_utf8(k).ok()) else {
@@ -181,7 +183,7 @@ fn progress(len: usize, what: &'static str) -> ProgressBar {
 }
 
 /// Publishes every message and returns once the broker acknowledged all of them.
-async fn publish_all(
+pub(crate) async fn publish_all(
     config: &Config,
     topic: &str,
     messages: Vec<(String, Option<Vec<u8>>)>,

@@ -8,6 +8,7 @@ pub mod click;
 pub mod event;
 pub mod hashing;
 pub mod kafka_properties;
+pub mod keys;
 pub mod metric_names;
 pub mod plans;
 pub mod registry;

@@ -26,6 +26,8 @@ use crate::plans::Catalogue;
 
 pub const ACCOUNTS_TOPIC: &str = "referral_accounts";
 pub const CODES_TOPIC: &str = "referral_codes";
+/// The API keys of the conversions endpoint (`crate::keys`).
+pub const KEYS_TOPIC: &str = "referral_keys";
 /// Refused-click counts per account and limit, published by ingest (not the clicks).
 pub const REFUSALS_TOPIC: &str = "referral_refusals";
 pub const RECORD_VERSION: u32 = 1;
@@ -126,6 +128,11 @@ fn decode<T: for<'de> Deserialize<'de>>(value: &[u8]) -> Result<T, RecordError> 
         return Err(RecordError::Version(major.v));
     }
     serde_json::from_slice(value).map_err(position)
+}
+
+/// [`decode`] for the other versioned records of this crate (the keys topic).
+pub(crate) fn decode_record<T: for<'de> Deserialize<'de>>(value: &[u8]) -> Result<T, RecordError> {
+    decode(value)
 }
 
 impl AccountRecord {

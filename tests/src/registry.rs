@@ -7,6 +7,7 @@ use crate::*;
 pub struct RegistryTopics {
     pub accounts: String,
     pub codes: String,
+    pub keys: String,
     pub refusals: String,
 }
 
@@ -15,6 +16,7 @@ impl RegistryTopics {
         Self {
             accounts: format!("{topic}_accounts"),
             codes: format!("{topic}_codes"),
+            keys: format!("{topic}_keys"),
             refusals: format!("{topic}_refusals"),
         }
     }
@@ -22,6 +24,7 @@ impl RegistryTopics {
     pub async fn create(&self, brokers: &str) {
         create_topic(brokers, &self.accounts, 1).await;
         create_topic(brokers, &self.codes, 2).await;
+        create_topic(brokers, &self.keys, 1).await;
         create_topic(brokers, &self.refusals, 1).await;
     }
 
@@ -37,6 +40,7 @@ impl RegistryTopics {
             .env("CONSUMER_KAFKA_TOPIC", click_topic)
             .env("CONSUMER_ACCOUNTS_TOPIC", &self.accounts)
             .env("CONSUMER_CODES_TOPIC", &self.codes)
+            .env("CONSUMER_KEYS_TOPIC", &self.keys)
             .env("CONSUMER_REFUSALS_TOPIC", &self.refusals)
             .env("CONSUMER_PLANS_FILE", plans)
             .env("LOG_LEVEL", "warn");

@@ -586,6 +586,118 @@ async fn a_code_in_two_partitions_gets_the_newest_answer_everywhere() {
     scope.drop_database().await;
 }
 
+/// `consumer keys`: a secret printed once and stored nowhere (the topic holds its SHA-256
+/// under the key's public id), keys listed without secrets or hashes, a key revoked; a key
+/// for an unknown account, or a revocation of an unknown key, is refused and writes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn api_keys_are_made_listed_and_revoked_and_their_secrets_never_stored() {
+    use shared::keys::{KeyId, KeyRecord};
+    let scope = Scope::new("plans_keys", 1).await;
+    let plans = test_catalogue();
+    let create = |name: &'static str| {
+        let scope = &scope;
+        let plans = plans.clone();
+        async move {
+            let (code, out) = scope
+                .consumer_command(&["keys", "create", &scope.account, "--name", name], &plans)
+                .await;
+            assert_eq!(code, 0, "{out}");
+            let id = out
+                .split_whitespace()
+                .find(|w| w.starts_with("key_"))
+                .unwrap_or_else(|| panic!("no key id in {out}"))
+                .to_owned();
+            let secret = out
+                .split_whitespace()
+                .find(|w| w.starts_with("rk_"))
+                .unwrap_or_else(|| panic!("no secret in {out}"))
+                .to_owned();
+            (id, secret)
+        }
+    };
+    let (id, secret) = create("checkout server").await;
+    let (other_id, other_secret) = create("billing worker").await;
+    assert_eq!(
+        KeyId::of_secret(&secret).map(|k| k.as_str().to_owned()),
+        Some(id.clone())
+    );
+    assert_ne!((&id, &secret), (&other_id, &other_secret));
+
+    let records = read_whole_topic(
+        &scope.brokers,
+        &scope.registry.keys,
+        Duration::from_secs(10),
+    );
+    assert_eq!(records.len(), 2);
+    let stored = records
+        .iter()
+        .find(|r| r.key == id.as_bytes())
+        .expect("the key's message, keyed by its id");
+    let text = String::from_utf8_lossy(&stored.payload).into_owned();
+    assert!(!text.contains(&secret[3..]), "the secret is stored: {text}");
+    let record = KeyRecord::decode(&stored.payload).expect("a key record");
+    assert!(record.accepts(&secret) && !record.accepts(&other_secret));
+    assert_eq!(
+        (record.account.as_str(), record.name.as_str()),
+        (scope.account.as_str(), "checkout server")
+    );
+
+    let (code, list) = scope.consumer_command(&["keys", "list"], &plans).await;
+    assert_eq!(code, 0, "{list}");
+    for shown in [
+        &id,
+        &other_id,
+        &scope.account,
+        &"checkout server".to_owned(),
+    ] {
+        assert!(list.contains(shown.as_str()), "{shown} not in {list}");
+    }
+    assert!(
+        !list.contains(&secret[3..]) && !list.contains(&record.secret_sha256),
+        "{list}"
+    );
+
+    let (code, out) = scope
+        .consumer_command(&["keys", "revoke", &id], &plans)
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let (_, list) = scope
+        .consumer_command(&["keys", "list", &scope.account], &plans)
+        .await;
+    let line = |key: &str| {
+        list.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(line(&id).contains("revoked"), "{list}");
+    assert!(line(&other_id).contains("active"), "{list}");
+
+    for args in [
+        &["keys", "create", "acct_nobody"][..],
+        &["keys", "revoke", "key_0123456789abcdef"][..],
+        &["keys", "revoke", "not-a-key"][..],
+    ] {
+        let (code, out) = scope.consumer_command(args, &plans).await;
+        assert_eq!(code, 2, "{args:?}: {out}");
+    }
+    let after = read_whole_topic(
+        &scope.brokers,
+        &scope.registry.keys,
+        Duration::from_secs(10),
+    );
+    assert_eq!(after.len(), 3, "two keys and one revocation, nothing else");
+    let revoked = KeyRecord::decode(
+        &after
+            .iter()
+            .rfind(|r| r.key == id.as_bytes())
+            .expect("revocation")
+            .payload,
+    )
+    .expect("record");
+    assert!(!revoked.accepts(&secret));
+}
+
 /// The test catalogue of the limits bar: the docs page's rate limits, with daily and
 /// monthly figures short enough to be reached in three minutes.
 fn short_catalogue() -> PathBuf {

@@ -75,6 +75,7 @@ async fn main() {
     let big = RegistryTopics {
         accounts: "bench_accounts".into(),
         codes: "bench_codes".into(),
+        keys: "bench_keys".into(),
         refusals: "bench_refusals".into(),
     };
     create_topic(&brokers, &big.accounts, 1).await;
