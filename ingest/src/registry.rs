@@ -520,7 +520,8 @@ const NEW_PARTITIONS_EVERY: Duration = Duration::from_secs(1);
 /// and another writer may use them at once) are read from their beginning. Their messages
 /// take their place by version like any other, so the order they are read in is no matter.
 fn follow_new_partitions(consumer: &Follower, topic: &str, known: &mut HashSet<i32>) {
-    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) else {
+    // Short: the follower applies nothing while it waits (a change is due within 2 s).
+    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_millis(500)) else {
         return;
     };
     let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
