@@ -6,13 +6,11 @@
 //! other operator commands, each returns after the broker acknowledged its message, and a
 //! refused command writes nothing and exits 2 with the reason.
 
-use std::collections::HashMap;
-
 use anyhow::{anyhow, bail};
 use shared::keys::{KeyId, KeyRecord, KeyStatus};
 
 use crate::config::{Config, KeysCommand};
-use crate::registry::{current_accounts, publish_all, read_topic};
+use crate::registry::{current, current_accounts, publish_all};
 
 pub async fn keys(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
@@ -33,7 +31,10 @@ pub async fn keys(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::Revoke { key_id } => {
             let id = KeyId::parse(&key_id).map_err(|e| anyhow!("{key_id:?}: {e}"))?;
-            let Some(record) = current_keys(config).await?.remove(id.as_str()) else {
+            let Some(record) = current(config, &config.keys_topic, KeyRecord::decode)
+                .await?
+                .remove(id.as_str())
+            else {
                 bail!("unknown key {}", id.as_str());
             };
             if record.status == KeyStatus::Revoked {
@@ -49,11 +50,12 @@ pub async fn keys(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
             println!("key {}: revoked (account {})", id.as_str(), record.account);
         }
         KeysCommand::List { account } => {
-            let mut keys: Vec<(String, KeyRecord)> = current_keys(config)
-                .await?
-                .into_iter()
-                .filter(|(_, r)| account.as_ref().is_none_or(|a| *a == r.account))
-                .collect();
+            let mut keys: Vec<(String, KeyRecord)> =
+                current(config, &config.keys_topic, KeyRecord::decode)
+                    .await?
+                    .into_iter()
+                    .filter(|(_, r)| account.as_ref().is_none_or(|a| *a == r.account))
+                    .collect();
             keys.sort_by(|a, b| {
                 (&a.1.account, a.1.created_at_ms).cmp(&(&b.1.account, b.1.created_at_ms))
             });
@@ -68,25 +70,4 @@ pub async fn keys(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The newest valid record of every key, in the registry's order (tombstoned ones removed).
-async fn current_keys(config: &Config) -> anyhow::Result<HashMap<String, KeyRecord>> {
-    let mut keys = HashMap::new();
-    for msg in read_topic(config, &config.keys_topic).await? {
-        let Some(id) = msg.key.and_then(|k| String::from_utf8(k).ok()) else {
-            continue;
-        };
-        match msg.value {
-            None => {
-                keys.remove(&id);
-            }
-            Some(v) => {
-                if let Ok(record) = KeyRecord::decode(&v) {
-                    keys.insert(id, record);
-                }
-            }
-        }
-    }
-    Ok(keys)
 }

@@ -133,27 +133,37 @@ pub(crate) async fn read_topic(config: &Config, topic: &str) -> anyhow::Result<V
     tokio::task::spawn_blocking(move || read_to_end(&config, &topic)).await?
 }
 
-/// The latest valid record of every account (tombstoned ones removed).
-pub(crate) async fn current_accounts(
+/// The newest valid record of every key of a compacted registry topic, in the registry's
+/// order (tombstoned keys removed; a message `decode` refuses changes nothing).
+pub(crate) async fn current<T, E>(
     config: &Config,
-) -> anyhow::Result<HashMap<String, AccountRecord>> {
-    let mut accounts = HashMap::new();
-    for msg in read_topic(config, &config.accounts_topic).await? {
+    topic: &str,
+    decode: fn(&[u8]) -> Result<T, E>,
+) -> anyhow::Result<HashMap<String, T>> {
+    let mut current = HashMap::new();
+    for msg in read_topic(config, topic).await? {
         let Some(key) = msg.key.and_then(|k| String::from_utf8(k).ok()) else {
             continue;
         };
         match msg.value {
             None => {
-                accounts.remove(&key);
+                current.remove(&key);
             }
             Some(v) => {
-                if let Ok(record) = AccountRecord::decode(&v) {
-                    accounts.insert(key, record);
+                if let Ok(record) = decode(&v) {
+                    current.insert(key, record);
                 }
             }
         }
     }
-    Ok(accounts)
+    Ok(current)
+}
+
+/// The newest valid record of every account.
+pub(crate) async fn current_accounts(
+    config: &Config,
+) -> anyhow::Result<HashMap<String, AccountRecord>> {
+    current(config, &config.accounts_topic, AccountRecord::decode).await
 }
 
 fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
