@@ -70,6 +70,14 @@ impl Proc {
         }
     }
 
+    /// For a process that must refuse to start (a bad setting): it exits unsuccessfully
+    /// within 20 s; what it logged.
+    pub async fn refused_start(&mut self) -> String {
+        let status = self.exited(Duration::from_secs(20)).await;
+        assert!(!status.success(), "{} started: {status}", self.name);
+        self.log_text()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -912,9 +912,7 @@ async fn protected_kafka_properties_stop_start_up_with_a_clear_message() {
     let mut opts = scope.ingest_options();
     opts.extra_env = vec![("INGEST_KAFKA_PROPERTIES".into(), "acks=1".into())];
     let mut ingest = Ingest::start(&opts);
-    let status = ingest.proc.exited(Duration::from_secs(20)).await;
-    assert!(!status.success());
-    let log = ingest.proc.log_text();
+    let log = ingest.proc.refused_start().await;
     assert!(
         log.contains("INGEST_KAFKA_PROPERTIES: `acks` cannot be set"),
         "{log}"
@@ -926,9 +924,7 @@ async fn protected_kafka_properties_stop_start_up_with_a_clear_message() {
         "enable.auto.commit=true".into(),
     )];
     let mut consumer = ConsumerProc::start(&opts);
-    let status = consumer.proc.exited(Duration::from_secs(20)).await;
-    assert!(!status.success());
-    let log = consumer.proc.log_text();
+    let log = consumer.proc.refused_start().await;
     assert!(
         log.contains("CONSUMER_KAFKA_PROPERTIES: `enable.auto.commit` cannot be set"),
         "{log}"
@@ -943,8 +939,7 @@ async fn an_out_of_range_setting_names_its_environment_variable() {
     let mut opts = scope.ingest_options();
     opts.extra_env = vec![("INGEST_PRODUCE_TIMEOUT_MS".into(), "5".into())];
     let mut ingest = Ingest::start(&opts);
-    assert!(!ingest.proc.exited(Duration::from_secs(20)).await.success());
-    let log = ingest.proc.log_text();
+    let log = ingest.proc.refused_start().await;
     assert!(
         log.contains("INGEST_PRODUCE_TIMEOUT_MS (--produce-timeout-ms): invalid value `5`: must be at least 100"),
         "{log}"
@@ -953,12 +948,7 @@ async fn an_out_of_range_setting_names_its_environment_variable() {
     let mut opts = scope.consumer_options();
     opts.extra_env = vec![("CONSUMER_SHUTDOWN_GRACE_SECS".into(), "soon".into())];
     let mut consumer = ConsumerProc::start(&opts);
-    assert!(!consumer
-        .proc
-        .exited(Duration::from_secs(20))
-        .await
-        .success());
-    let log = consumer.proc.log_text();
+    let log = consumer.proc.refused_start().await;
     assert!(
         log.contains("CONSUMER_SHUTDOWN_GRACE_SECS (--shutdown-grace-secs): invalid value `soon`"),
         "{log}"
