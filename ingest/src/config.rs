@@ -191,6 +191,25 @@ pub struct Config {
     #[arg(long, env = "INGEST_CODES_TOPIC", default_value = shared::registry::CODES_TOPIC)]
     pub codes_topic: String,
 
+    /// The API keys topic of the conversions endpoint (compacted; read whole at start,
+    /// then followed, like the codes).
+    #[arg(long, env = "INGEST_KEYS_TOPIC", default_value = shared::registry::KEYS_TOPIC)]
+    pub keys_topic: String,
+
+    /// Where accepted conversions are published.
+    #[arg(long, env = "INGEST_CONVERSIONS_TOPIC", default_value = shared::registry::CONVERSIONS_TOPIC)]
+    pub conversions_topic: String,
+
+    /// Conversions a minute per API key (a token bucket per key, on each instance).
+    #[arg(long, env = "INGEST_KEY_RATE_PER_MINUTE", default_value_t = 6000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub key_rate_per_minute: u32,
+
+    /// Burst size of the per-key token bucket.
+    #[arg(long, env = "INGEST_KEY_RATE_BURST", default_value_t = 600,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub key_rate_burst: u32,
+
     /// ClickHouse holding the consumer's mirror of the codes topic: at start, codes are
     /// loaded from it and only the topic's tail is read (a full read of a large registry is
     /// slow on some brokers). Empty: always read the whole topic. Unreachable or out of date
@@ -378,10 +397,12 @@ impl Config {
             &self.accounts_topic,
             &self.codes_topic,
             &self.refusals_topic,
+            &self.keys_topic,
+            &self.conversions_topic,
         ];
         for (i, t) in topics.iter().enumerate() {
             if t.is_empty() || topics[..i].contains(t) {
-                return Err("INGEST_KAFKA_TOPIC, INGEST_ACCOUNTS_TOPIC, INGEST_CODES_TOPIC, INGEST_REFUSALS_TOPIC: must be set and all differ".into());
+                return Err("INGEST_KAFKA_TOPIC, INGEST_ACCOUNTS_TOPIC, INGEST_CODES_TOPIC, INGEST_REFUSALS_TOPIC, INGEST_KEYS_TOPIC, INGEST_CONVERSIONS_TOPIC: must be set and all differ".into());
             }
         }
         let url = &self.registry_clickhouse_url;

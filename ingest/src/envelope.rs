@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
@@ -20,6 +20,8 @@ pub type Body = Full<Bytes>;
 #[derive(Debug)]
 pub enum ApiError {
     InvalidParams(Vec<FieldError>),
+    /// A missing, malformed, unknown or revoked API key, or one of a suspended account.
+    Unauthorized,
     NotFound,
     MethodNotAllowed(&'static str),
     RequestTimeout,
@@ -34,6 +36,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidParams(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -48,6 +51,7 @@ impl ApiError {
     fn msg(&self) -> &'static str {
         match self {
             Self::InvalidParams(_) => "invalid params",
+            Self::Unauthorized => "unauthorized",
             Self::NotFound => "not found",
             Self::MethodNotAllowed(_) => "method not allowed",
             Self::RequestTimeout => "request timeout",
@@ -63,6 +67,7 @@ impl ApiError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::InvalidParams(_) => "invalid_params",
+            Self::Unauthorized => "unauthorized",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::RequestTimeout => "request_timeout",
@@ -98,6 +103,9 @@ impl ApiError {
         match self {
             Self::MethodNotAllowed(allow) => {
                 headers.insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            Self::Unauthorized => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             Self::RateLimited(r) => {
                 let secs = retry_after_secs(r.retry_after);

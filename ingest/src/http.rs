@@ -1,5 +1,6 @@
-//! Routing and handlers: `POST /api/v1/referrals/click` (+ CORS preflight), the browser
-//! script `GET /referral.js`, `/metrics`, `/healthz`, `/readyz`.
+//! Routing and handlers: `POST /api/v1/referrals/click` (+ CORS preflight),
+//! `POST /api/v1/referrals/conversions` ([`conversions`]), the browser script
+//! `GET /referral.js`, `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Order of work for a click, cheapest refusal first: per-IP rate limit (429 costs nothing
 //! and publishes nothing), registry loaded (else 503), media type and declared length,
@@ -9,6 +10,8 @@
 //! after its plan token was taken (no broker acknowledgement) gives the token back: 4xx
 //! and 5xx are never charged. A panic anywhere in a handler becomes a 500 envelope, never
 //! a dropped connection.
+
+mod conversions;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -46,6 +49,9 @@ use shared::event::ClickEventRef;
 use shared::hashing::KeyedHasher;
 use shared::metric_names as m;
 
+use conversions::KeyLimiter;
+pub use conversions::CONVERSIONS_PATH;
+
 pub const CLICK_PATH: &str = "/api/v1/referrals/click";
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -55,6 +61,7 @@ pub struct App<S> {
     cors: CorsOrigins,
     sink: Arc<S>,
     limiter: IpRateLimiter,
+    key_limiter: KeyLimiter,
     registry: Arc<SharedRegistry>,
     /// `None` with `INGEST_PLAN_LIMITS=off`.
     plan_limits: Option<Arc<PlanLimiter<RedisStore>>>,
@@ -85,6 +92,7 @@ impl<S: ClickSink> App<S> {
                 prefix_burst: nz(config.rate_limit_network_burst),
                 max_tracked: config.rate_limit_max_tracked,
             }),
+            key_limiter: KeyLimiter::new(config.key_rate_per_minute, config.key_rate_burst),
             config,
             hasher: validated.hasher,
             cors: validated.cors,
@@ -150,6 +158,15 @@ impl<S: ClickSink> App<S> {
             },
             (CLICK_PATH, Method::OPTIONS) => self.preflight(req.headers()),
             (CLICK_PATH, _) => ApiError::MethodNotAllowed("OPTIONS, POST").into_response(),
+            (CONVERSIONS_PATH, Method::POST) => match self.conversion(req).await {
+                Ok(response) => response,
+                Err(e) => {
+                    metrics::counter!(m::CONVERSIONS_REJECTED_TOTAL, "reason" => e.reason())
+                        .increment(1);
+                    e.into_response()
+                }
+            },
+            (CONVERSIONS_PATH, _) => ApiError::MethodNotAllowed("POST").into_response(),
             (SCRIPT_PATH, Method::GET | Method::HEAD) => self.script.respond(req.headers()),
             ("/metrics", Method::GET | Method::HEAD) => self.metrics_text(),
             ("/healthz", Method::GET | Method::HEAD) => envelope(StatusCode::OK, "ok", None),
@@ -392,6 +409,7 @@ enum CorsAnswer<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumCount)]
 enum Route {
     Click,
+    Conversions,
     Script,
     Metrics,
     Healthz,
@@ -403,6 +421,7 @@ impl Route {
     fn of(path: &str) -> Self {
         match path {
             CLICK_PATH => Self::Click,
+            CONVERSIONS_PATH => Self::Conversions,
             SCRIPT_PATH => Self::Script,
             "/metrics" => Self::Metrics,
             "/healthz" => Self::Healthz,
@@ -414,6 +433,7 @@ impl Route {
     fn label(self) -> &'static str {
         match self {
             Self::Click => "click",
+            Self::Conversions => "conversions",
             Self::Script => "script",
             Self::Metrics => "metrics",
             Self::Healthz => "healthz",
@@ -424,7 +444,9 @@ impl Route {
 }
 
 /// The statuses ingest answers with, in the order of [`HttpMetrics::requests`]' columns.
-const STATUSES: [u16; 12] = [200, 204, 304, 400, 404, 405, 408, 413, 415, 429, 500, 503];
+const STATUSES: [u16; 13] = [
+    200, 204, 304, 400, 401, 404, 405, 408, 413, 415, 429, 500, 503,
+];
 
 /// The per-request metric handles, each looked up in the registry once (the `metrics`
 /// macros hash the name and labels and look the series up on every call, and the status

@@ -53,6 +53,7 @@ pub async fn run(
         &registry::Topics {
             accounts: config.accounts_topic.clone(),
             codes: config.codes_topic.clone(),
+            keys: config.keys_topic.clone(),
             snapshot: (!config.registry_clickhouse_url.is_empty()).then(|| registry::Snapshot {
                 url: config.registry_clickhouse_url.clone(),
                 database: config.registry_clickhouse_database.clone(),

@@ -1,8 +1,9 @@
-//! The referral-program registry as every ingest instance holds it: both compacted topics
-//! (`referral_accounts`, `referral_codes`) read into memory at start and followed after.
+//! The referral-program registry as every ingest instance holds it: the three compacted
+//! topics (`referral_accounts`, `referral_codes`, and `referral_keys`, the conversions
+//! endpoint's API keys) read into memory at start and followed after.
 //!
 //! Invariants:
-//! * ingest is not ready (`/readyz` 503, clicks 503) until both topics were read up to the
+//! * ingest is not ready (`/readyz` 503, clicks 503) until the topics were read up to the
 //!   end offsets they had when reading began: a code is never refused as unknown because
 //!   its message was still on its way;
 //! * after that, a registry message is in force as soon as its batch is applied (the
@@ -46,7 +47,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use shared::metric_names as m;
 use shared::plans::Catalogue;
-use shared::registry::{message_version, Registry, Resolved};
+use shared::registry::{message_version, Authenticated, Registry, Resolved};
 
 /// The registry shared by the request handlers and the two follower threads.
 pub struct SharedRegistry {
@@ -60,13 +61,18 @@ pub struct SharedRegistry {
 enum Kind {
     Accounts,
     Codes,
+    Keys,
 }
+
+/// How many topics the registry reads before it is ready.
+const TOPICS: usize = 3;
 
 impl Kind {
     fn label(self) -> &'static str {
         match self {
             Self::Accounts => "account",
             Self::Codes => "code",
+            Self::Keys => "key",
         }
     }
 }
@@ -102,7 +108,16 @@ impl SharedRegistry {
         }
     }
 
-    /// Whether both topics were read to their end at start.
+    /// The account and key of a presented API secret, or `None` (one answer for a
+    /// malformed, unknown or revoked key and for a key of a suspended account).
+    pub fn authenticate(&self, secret: &str) -> Option<Authenticated> {
+        match self.inner.read() {
+            Ok(r) => r.authenticate(secret),
+            Err(poisoned) => poisoned.into_inner().authenticate(secret),
+        }
+    }
+
+    /// Whether every topic was read to its end at start.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
@@ -127,7 +142,7 @@ impl SharedRegistry {
             accounts,
             "registry topic read to its end"
         );
-        if done == 2 {
+        if done == TOPICS {
             crate::memory::release_freed_c_memory();
             self.ready.store(true, Ordering::Release);
             metrics::gauge!(m::REGISTRY_READY).set(1.0);
@@ -158,6 +173,11 @@ impl SharedRegistry {
                         message_version(msg.timestamp().to_millis(), msg.partition()),
                     ),
                     Kind::Codes => r.apply_code(
+                        msg.key(),
+                        msg.payload(),
+                        message_version(msg.timestamp().to_millis(), msg.partition()),
+                    ),
+                    Kind::Keys => r.apply_key(
                         msg.key(),
                         msg.payload(),
                         message_version(msg.timestamp().to_millis(), msg.partition()),
@@ -201,6 +221,7 @@ impl SharedRegistry {
 pub struct Topics {
     pub accounts: String,
     pub codes: String,
+    pub keys: String,
     /// The consumer's ClickHouse mirror of the codes, when configured.
     pub snapshot: Option<Snapshot>,
 }
@@ -219,6 +240,7 @@ pub fn spawn_followers(client: &ClientConfig, topics: &Topics, registry: &Arc<Sh
     for (kind, topic, snapshot) in [
         (Kind::Accounts, topics.accounts.clone(), None),
         (Kind::Codes, topics.codes.clone(), topics.snapshot.clone()),
+        (Kind::Keys, topics.keys.clone(), None),
     ] {
         let client = client.clone();
         let registry = Arc::clone(registry);

@@ -33,7 +33,7 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    fn new(field: &'static str, reason: impl Into<String>) -> Self {
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
         Self {
             field,
             reason: reason.into(),
@@ -320,33 +320,39 @@ pub struct ClickInput {
 impl ClickInput {
     /// Parses a request body. The error never quotes the input back.
     pub fn from_json(body: &[u8]) -> Result<Self, FieldError> {
-        // A derived struct would also accept a JSON array (fields by position): refuse it.
-        let first = body.iter().find(|b| !b.is_ascii_whitespace());
-        if first.is_some_and(|&b| b != b'{') {
-            let reason = if matches!(
-                first,
-                Some(b'[' | b'"' | b'0'..=b'9' | b'-' | b't' | b'f' | b'n')
-            ) {
-                "must be a JSON object"
-            } else {
-                "invalid JSON at line 1"
-            };
-            return Err(FieldError::new("body", reason));
-        }
-        serde_json::from_slice(body).map_err(|e| {
-            let reason = match e.classify() {
-                serde_json::error::Category::Data => {
-                    if e.to_string().starts_with("duplicate field") {
-                        "must not repeat a field".to_owned()
-                    } else {
-                        "must be a JSON object".to_owned()
-                    }
-                }
-                _ => format!("invalid JSON at line {} column {}", e.line(), e.column()),
-            };
-            FieldError::new("body", reason)
-        })
+        json_object(body)
     }
+}
+
+/// Parses a request body that must be one JSON object into `T` (whose fields are all
+/// optional). The error never quotes the input back.
+pub fn json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FieldError> {
+    // A derived struct would also accept a JSON array (fields by position): refuse it.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|&b| b != b'{') {
+        let reason = if matches!(
+            first,
+            Some(b'[' | b'"' | b'0'..=b'9' | b'-' | b't' | b'f' | b'n')
+        ) {
+            "must be a JSON object"
+        } else {
+            "invalid JSON at line 1"
+        };
+        return Err(FieldError::new("body", reason));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let reason = match e.classify() {
+            serde_json::error::Category::Data => {
+                if e.to_string().starts_with("duplicate field") {
+                    "must not repeat a field".to_owned()
+                } else {
+                    "must be a JSON object".to_owned()
+                }
+            }
+            _ => format!("invalid JSON at line {} column {}", e.line(), e.column()),
+        };
+        FieldError::new("body", reason)
+    })
 }
 
 /// A click that passed every rule.
@@ -467,7 +473,7 @@ pub fn validate_with<T>(
 }
 
 /// The string value of a field, `None` when missing, null or blank; records a type error.
-fn string_field<'a>(
+pub(crate) fn string_field<'a>(
     field: &'static str,
     value: &'a Option<Loose>,
     errors: &mut Vec<FieldError>,

@@ -5,6 +5,7 @@
 pub mod bot;
 pub mod cli;
 pub mod click;
+pub mod conversion;
 pub mod event;
 pub mod hashing;
 pub mod kafka_properties;

@@ -9,6 +9,8 @@ pub const OPEN_CONNECTIONS: &str = "ingest_open_connections";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "ingest_connections_refused_total";
 pub const CLICKS_ACCEPTED_TOTAL: &str = "ingest_clicks_accepted_total";
 pub const CLICKS_REJECTED_TOTAL: &str = "ingest_clicks_rejected_total"; // labels: reason
+pub const CONVERSIONS_ACCEPTED_TOTAL: &str = "ingest_conversions_accepted_total"; // labels: type
+pub const CONVERSIONS_REJECTED_TOTAL: &str = "ingest_conversions_rejected_total"; // labels: reason
 pub const PRODUCE_DURATION: &str = "ingest_produce_duration_seconds";
 pub const PRODUCE_ERRORS_TOTAL: &str = "ingest_produce_errors_total"; // labels: cause
 pub const PRODUCER_QUEUE_MESSAGES: &str = "ingest_producer_queue_messages";
@@ -96,6 +98,14 @@ pub fn register_ingest() {
         "Clicks acknowledged by the broker and answered 200"
     );
     describe_counter!(CLICKS_REJECTED_TOTAL, "Click requests refused, by reason");
+    describe_counter!(
+        CONVERSIONS_ACCEPTED_TOTAL,
+        "Conversions acknowledged by the broker and answered 200, by type"
+    );
+    describe_counter!(
+        CONVERSIONS_REJECTED_TOTAL,
+        "Conversion requests refused, by reason (unauthorized: a bad, revoked or suspended key)"
+    );
     describe_histogram!(
         PRODUCE_DURATION,
         Unit::Seconds,
@@ -170,7 +180,10 @@ pub fn register_ingest() {
     for limit in ["plan_rate", "daily_cap", "monthly_credits"] {
         counter!(PLAN_LIMITED_TOTAL, "limit" => limit).increment(0);
     }
-    for kind in ["account", "code"] {
+    for kind in ["lead", "sale"] {
+        counter!(CONVERSIONS_ACCEPTED_TOTAL, "type" => kind).increment(0);
+    }
+    for kind in ["account", "code", "key"] {
         for result in ["applied", "skipped"] {
             counter!(REGISTRY_MESSAGES_TOTAL, "kind" => kind, "result" => result).increment(0);
         }
@@ -185,7 +198,9 @@ pub fn register_ingest() {
         "internal",
     ] {
         counter!(CLICKS_REJECTED_TOTAL, "reason" => reason).increment(0);
+        counter!(CONVERSIONS_REJECTED_TOTAL, "reason" => reason).increment(0);
     }
+    counter!(CONVERSIONS_REJECTED_TOTAL, "reason" => "unauthorized").increment(0);
     for cause in ["queue_full", "timeout", "not_ready", "broker"] {
         counter!(PRODUCE_ERRORS_TOTAL, "cause" => cause).increment(0);
     }

@@ -3,6 +3,8 @@
 //! Two compacted Kafka topics hold it, and any backend may write them:
 //! * `referral_accounts`, key = account id, value = [`AccountRecord`] as JSON;
 //! * `referral_codes`, key = the normalized code, value = [`CodeRecord`] as JSON;
+//! * `referral_keys`, key = an API key's public id, value = [`KeyRecord`] as JSON (the
+//!   conversions endpoint's keys: a hash of the secret, never the secret);
 //!
 //! a message without a value (a tombstone) deletes its key. `v` is the major version, as
 //! in the click event: unknown fields are ignored within it, another major is refused.
@@ -22,12 +24,15 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::click::MAX_CODE_LEN;
+use crate::keys::{KeyId, KeyRecord};
 use crate::plans::Catalogue;
 
 pub const ACCOUNTS_TOPIC: &str = "referral_accounts";
 pub const CODES_TOPIC: &str = "referral_codes";
 /// The API keys of the conversions endpoint (`crate::keys`).
 pub const KEYS_TOPIC: &str = "referral_keys";
+/// Where ingest publishes accepted conversions.
+pub const CONVERSIONS_TOPIC: &str = "referral_conversions";
 /// Refused-click counts per account and limit, published by ingest (not the clicks).
 pub const REFUSALS_TOPIC: &str = "referral_refusals";
 pub const RECORD_VERSION: u32 = 1;
@@ -56,6 +61,19 @@ pub struct AccountRecord {
     /// When the writer made this version, Unix milliseconds (informational).
     #[serde(default)]
     pub updated_at_ms: u64,
+    /// How long after a click a conversion is attributed to it, in days. Added within
+    /// v1: absent in older records, which means [`DEFAULT_ATTRIBUTION_WINDOW_DAYS`].
+    #[serde(default = "default_window")]
+    pub attribution_window_days: u16,
+}
+
+/// The attribution window of an account that did not set one.
+pub const DEFAULT_ATTRIBUTION_WINDOW_DAYS: u16 = 90;
+/// The longest attribution window (conversions may be 400 days old).
+pub const MAX_ATTRIBUTION_WINDOW_DAYS: u16 = 400;
+
+fn default_window() -> u16 {
+    DEFAULT_ATTRIBUTION_WINDOW_DAYS
 }
 
 /// The value of a `referral_codes` message.
@@ -143,11 +161,18 @@ impl AccountRecord {
             overage,
             status,
             updated_at_ms: crate::now_ms(),
+            attribution_window_days: DEFAULT_ATTRIBUTION_WINDOW_DAYS,
         }
     }
 
     pub fn decode(value: &[u8]) -> Result<Self, RecordError> {
-        decode(value)
+        let record: Self = decode(value)?;
+        if !(1..=MAX_ATTRIBUTION_WINDOW_DAYS).contains(&record.attribution_window_days) {
+            return Err(RecordError::Malformed(format!(
+                "attribution_window_days must be 1 to {MAX_ATTRIBUTION_WINDOW_DAYS}"
+            )));
+        }
+        Ok(record)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -372,6 +397,22 @@ pub struct Registry {
     long_codes: HashMap<Box<str>, Versioned>,
     /// Entries of deleted codes (kept for their version).
     deleted_codes: usize,
+    /// API keys by public id (a deleted key stays as `None`, for its version).
+    keys: HashMap<Box<str>, (Option<StoredKey>, u64)>,
+}
+
+/// An API key as ingest holds it: never the secret, only its hash.
+#[derive(Debug, Clone)]
+struct StoredKey {
+    account: u32,
+    record: KeyRecord,
+}
+
+/// What a presented secret authenticates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    pub account_id: Arc<str>,
+    pub key_id: Arc<str>,
 }
 
 impl Registry {
@@ -464,6 +505,66 @@ impl Registry {
         }
     }
 
+    /// Applies one `referral_keys` message of `version` ([`message_version`]); an older one
+    /// than the key's is ignored. On error nothing changes.
+    pub fn apply_key(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        version: u64,
+    ) -> Result<(), RecordError> {
+        let id = key_str(key)?;
+        KeyId::parse(id).map_err(RecordError::Key)?;
+        let stored = match value {
+            None => None,
+            Some(v) => {
+                let record = KeyRecord::decode(v)?;
+                Some(StoredKey {
+                    account: self.slot_of(&record.account),
+                    record,
+                })
+            }
+        };
+        match self.keys.get_mut(id) {
+            Some(entry) if entry.1 > version => {}
+            Some(entry) => *entry = (stored, version),
+            None => {
+                self.keys.insert(id.into(), (stored, version));
+            }
+        }
+        Ok(())
+    }
+
+    /// The account and key a presented secret belongs to, when the key is active and its
+    /// account exists and is active; `None` for everything else (one answer for all). The
+    /// secret's hash is compared with the stored one in constant time.
+    pub fn authenticate(&self, secret: &str) -> Option<Authenticated> {
+        let id = KeyId::of_secret(secret)?;
+        let (Some(key), _) = self.keys.get(id.as_str())? else {
+            return None;
+        };
+        if !key.record.accepts(secret) {
+            return None;
+        }
+        let slot = self.accounts.get(key.account as usize)?;
+        slot.state.filter(|s| s.active)?;
+        Some(Authenticated {
+            account_id: Arc::clone(&slot.id),
+            key_id: id.as_str().into(),
+        })
+    }
+
+    /// Active keys held.
+    pub fn key_count(&self) -> usize {
+        self.keys
+            .values()
+            .filter(|(k, _)| {
+                k.as_ref()
+                    .is_some_and(|k| k.record.status == crate::keys::KeyStatus::Active)
+            })
+            .count()
+    }
+
     fn slot_of(&mut self, id: &str) -> u32 {
         if let Some(&slot) = self.account_index.get(id) {
             return slot;
@@ -553,6 +654,59 @@ mod tests {
 
     fn code(account: &str, status: &str) -> Vec<u8> {
         format!(r#"{{"v":1,"account":"{account}","status":"{status}"}}"#).into_bytes()
+    }
+
+    #[test]
+    fn a_key_authenticates_only_while_it_and_its_account_are_active() {
+        let c = catalogue();
+        let mut r = Registry::default();
+        let key = crate::keys::new_key("acct_1", "server").expect("key");
+        let id = Some(key.id.as_str().as_bytes());
+        r.apply_key(id, Some(&key.record.encode()), 10)
+            .expect("key");
+        // The key before its account: no account, no answer.
+        assert_eq!(r.authenticate(&key.secret), None);
+        r.apply_account(Some(b"acct_1"), Some(&account("pro", "active")), &c, 0)
+            .expect("account");
+        let got = r.authenticate(&key.secret).expect("authenticates");
+        assert_eq!(
+            (&*got.account_id, &*got.key_id),
+            ("acct_1", key.id.as_str())
+        );
+        assert_eq!(r.key_count(), 1);
+        // Another secret of the same id, a malformed one: nothing.
+        let mut forged = key.secret.clone();
+        forged.replace_range(forged.len() - 4.., "AAAA");
+        assert_eq!(r.authenticate(&forged), None);
+        assert_eq!(r.authenticate("Bearer x"), None);
+        // Suspended account: refused; active again: accepted.
+        r.apply_account(Some(b"acct_1"), Some(&account("pro", "suspended")), &c, 1)
+            .expect("account");
+        assert_eq!(r.authenticate(&key.secret), None);
+        r.apply_account(Some(b"acct_1"), Some(&account("pro", "active")), &c, 2)
+            .expect("account");
+        // Revoked by a newer message; an older message read later does not bring it back.
+        r.apply_key(id, Some(&key.record.revoked().encode()), 20)
+            .expect("revoke");
+        assert_eq!(r.authenticate(&key.secret), None);
+        r.apply_key(id, Some(&key.record.encode()), 15)
+            .expect("older");
+        assert_eq!(r.authenticate(&key.secret), None);
+        assert_eq!(r.key_count(), 0);
+        // A tombstone deletes; a bad id changes nothing.
+        r.apply_key(id, None, 30).expect("tombstone");
+        assert_eq!(r.authenticate(&key.secret), None);
+        assert!(r
+            .apply_key(Some(b"nope"), Some(&key.record.encode()), 40)
+            .is_err());
+    }
+
+    #[test]
+    fn an_account_window_defaults_and_is_bounded() {
+        let old = AccountRecord::decode(&account("pro", "active")).expect("old record");
+        assert_eq!(old.attribution_window_days, DEFAULT_ATTRIBUTION_WINDOW_DAYS);
+        let bad = br#"{"v":1,"plan":"pro","overage":false,"status":"active","attribution_window_days":0}"#;
+        assert!(AccountRecord::decode(bad).is_err());
     }
 
     #[test]

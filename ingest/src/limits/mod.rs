@@ -54,6 +54,8 @@ pub enum Limit {
     PlanRate,
     DailyCap,
     MonthlyCredits,
+    /// The conversions endpoint's per-API-key rate.
+    KeyRate,
 }
 
 impl Limit {
@@ -63,6 +65,7 @@ impl Limit {
             Self::PlanRate => "plan_rate",
             Self::DailyCap => "daily_cap",
             Self::MonthlyCredits => "monthly_credits",
+            Self::KeyRate => "key_rate",
         }
     }
 }
@@ -359,7 +362,7 @@ impl Inner {
                     + match limit {
                         Limit::DailyCap => calendar::ms_to_next_day(now_ms) + jitter_ms,
                         Limit::MonthlyCredits => calendar::ms_to_next_month(now_ms) + jitter_ms,
-                        Limit::PlanRate | Limit::Ip => retry_after_ms,
+                        Limit::PlanRate | Limit::Ip | Limit::KeyRate => retry_after_ms,
                     };
                 self.refused = Some(CachedRefusal {
                     until_ms: retry_at_ms.min(now_ms + REFUSAL_REUSE_MS),
@@ -704,7 +707,7 @@ impl<S: QuotaStore> PlanLimiter<S> {
     ) -> Refusal {
         metrics::counter!(m::PLAN_LIMITED_TOTAL, "limit" => limit.name()).increment(1);
         let (quota, window_secs) = match limit {
-            Limit::Ip | Limit::PlanRate => (u64::from(limits.rate_per_minute), 60),
+            Limit::Ip | Limit::PlanRate | Limit::KeyRate => (u64::from(limits.rate_per_minute), 60),
             Limit::DailyCap => (limits.daily_cap.unwrap_or(0), 86_400),
             Limit::MonthlyCredits => (limits.monthly.unwrap_or(0), calendar::month_secs(now_ms)),
         };

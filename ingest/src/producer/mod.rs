@@ -68,8 +68,14 @@ impl PublishError {
 }
 
 pub trait ClickSink: Send + Sync + 'static {
-    /// Publishes one event; resolves once the broker acknowledged it.
+    /// Publishes one click event; resolves once the broker acknowledged it.
     fn publish(
+        &self,
+        key: &[u8],
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+    /// Publishes one conversion event, with the same guarantees.
+    fn publish_conversion(
         &self,
         key: &[u8],
         payload: &[u8],
@@ -156,6 +162,7 @@ pub struct KafkaSink {
     client_config: ClientConfig,
     produce_duration: metrics::Histogram,
     topic: String,
+    conversions_topic: String,
     ack_timeout: Duration,
     /// The last metadata probe succeeded.
     probe_ok: Arc<AtomicBool>,
@@ -202,6 +209,7 @@ impl KafkaSink {
             client_config: cc,
             produce_duration: metrics::histogram!(m::PRODUCE_DURATION),
             topic: config.kafka_topic.clone(),
+            conversions_topic: config.conversions_topic.clone(),
             ack_timeout: config.produce_timeout + Duration::from_secs(1),
             probe_ok: Arc::new(AtomicBool::new(false)),
             last_ack_ms: AtomicU64::new(0),
@@ -377,13 +385,20 @@ impl KafkaSink {
     }
 }
 
-impl ClickSink for KafkaSink {
-    async fn publish(&self, key: &[u8], payload: &[u8]) -> Result<(), PublishError> {
+impl KafkaSink {
+    /// What both streams' publishing does: refuse at once while the broker is not
+    /// reachable, wait for the acknowledgement, record the outcome.
+    async fn publish_on(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<(), PublishError> {
         if !self.reachable(shared::now_ms()) {
             return Err(PublishError::NotReady);
         }
         let started = Instant::now();
-        let delivery = self.enqueue(&self.topic, key, payload)?;
+        let delivery = self.enqueue(topic, key, payload)?;
         // librdkafka reports every message by `message.timeout.ms`; this bound only guards
         // against a report that never comes.
         let result = match tokio::time::timeout(self.ack_timeout, delivery).await {
@@ -395,6 +410,16 @@ impl ClickSink for KafkaSink {
             .record(started.elapsed().as_secs_f64());
         self.record(&result);
         result
+    }
+}
+
+impl ClickSink for KafkaSink {
+    async fn publish(&self, key: &[u8], payload: &[u8]) -> Result<(), PublishError> {
+        self.publish_on(&self.topic, key, payload).await
+    }
+
+    async fn publish_conversion(&self, key: &[u8], payload: &[u8]) -> Result<(), PublishError> {
+        self.publish_on(&self.conversions_topic, key, payload).await
     }
 
     fn is_ready(&self) -> bool {
