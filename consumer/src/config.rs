@@ -72,6 +72,9 @@ pub enum AccountsCommand {
         overage: Option<bool>,
         #[arg(long, value_parser = ["active", "suspended"])]
         status: Option<String>,
+        /// How long after a click a conversion is attributed to it (default 90 days).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=i64::from(shared::registry::MAX_ATTRIBUTION_WINDOW_DAYS)))]
+        attribution_window_days: Option<u16>,
     },
 }
 
@@ -348,6 +351,11 @@ pub struct Config {
     #[arg(long, env = "CONSUMER_KEYS_TOPIC", default_value = shared::registry::KEYS_TOPIC, global = true)]
     pub keys_topic: String,
 
+    /// Conversions published by ingest; stored in the `conversions` table by the same
+    /// pipeline as the clicks, in the consumer group `CONSUMER_GROUP_ID` + `-conversions`.
+    #[arg(long, env = "CONSUMER_CONVERSIONS_TOPIC", default_value = shared::registry::CONVERSIONS_TOPIC, global = true)]
+    pub conversions_topic: String,
+
     /// Refused-click counts published by ingest.
     #[arg(long, env = "CONSUMER_REFUSALS_TOPIC", default_value = shared::registry::REFUSALS_TOPIC, global = true)]
     pub refusals_topic: String,
@@ -384,6 +392,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// The settings of the conversions pipeline: its topic and consumer group, the rest
+    /// shared with the clicks'.
+    pub fn for_conversions(&self) -> Self {
+        Self {
+            kafka_topic: self.conversions_topic.clone(),
+            group_id: format!("{}-conversions", self.group_id),
+            ..self.clone()
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let ident = |name: &str, value: &str| {
             let ok = !value.is_empty()
@@ -421,6 +439,7 @@ impl Config {
             &self.codes_topic,
             &self.keys_topic,
             &self.refusals_topic,
+            &self.conversions_topic,
         ];
         let clash = registry.iter().enumerate().any(|(i, t)| {
             t.is_empty()
@@ -429,7 +448,7 @@ impl Config {
                 || registry[..i].contains(t)
         });
         if clash {
-            return Err("CONSUMER_ACCOUNTS_TOPIC, CONSUMER_CODES_TOPIC, CONSUMER_KEYS_TOPIC, CONSUMER_REFUSALS_TOPIC: must be set and differ from each other and from the click topics".into());
+            return Err("CONSUMER_ACCOUNTS_TOPIC, CONSUMER_CODES_TOPIC, CONSUMER_KEYS_TOPIC, CONSUMER_REFUSALS_TOPIC, CONSUMER_CONVERSIONS_TOPIC: must be set and differ from each other and from the click topics".into());
         }
         if self.group_id.is_empty() {
             return Err("CONSUMER_GROUP_ID: must not be empty".into());

@@ -306,6 +306,11 @@ pub async fn create_topics(config: &Config) -> anyhow::Result<()> {
     let topics = [
         NewTopic::new(&config.kafka_topic, config.topic_partitions, replication()),
         NewTopic::new(
+            &config.conversions_topic,
+            config.topic_partitions,
+            replication(),
+        ),
+        NewTopic::new(
             &config.dlq_topic,
             config.topic_partitions.min(4),
             replication(),

@@ -105,9 +105,29 @@ async fn run(
         Arc::clone(&catalogue),
         mirror_stop.clone(),
     ));
-    let result = pipeline::Pipeline::new(config, consumer, dlq, writer)
-        .run(stop)
-        .await;
+    // Conversions: the same pipeline over their own topic, group and table.
+    let conversions_config = config.for_conversions();
+    let conversions = pipeline::Pipeline::<row::ConversionRow>::new(
+        conversions_config.clone(),
+        Arc::new(kafka::consumer(&conversions_config)?),
+        kafka::dlq_producer(&conversions_config)?,
+        writer::Writer::for_table(&conversions_config, "conversions"),
+    );
+    let clicks = pipeline::Pipeline::<row::ClickRow>::new(config, consumer, dlq, writer);
+    // Either ending (a fatal dead letter) stops the other, which drains as on SIGTERM.
+    let (clicks, conversions) = tokio::join!(
+        async {
+            let r = clicks.run(stop.clone()).await;
+            stop.cancel();
+            r
+        },
+        async {
+            let r = conversions.run(stop.clone()).await;
+            stop.cancel();
+            r
+        }
+    );
+    let result = clicks.and(conversions);
     // The pipeline also ends on its own (a fatal dead letter): the mirror ends with it.
     mirror_stop.cancel();
     let _ = mirror.await;

@@ -9,14 +9,14 @@ use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::plan::{MessageHash, PlanGroup, PlanRange, RecordedPlan};
-use crate::row::ClickRow;
+use crate::row::Stored;
 
 #[derive(Debug)]
-pub struct Entry {
+pub struct Entry<R> {
     pub offset: i64,
     pub hash: MessageHash,
     /// Boxed: the queue then moves 40-byte entries when it grows, not whole rows.
-    pub row: Option<Box<ClickRow>>,
+    pub row: Option<Box<R>>,
 }
 
 /// Where the partition's next insert stands.
@@ -40,9 +40,9 @@ pub enum PlanState {
 }
 
 #[derive(Debug)]
-pub struct PartitionState {
+pub struct PartitionState<R> {
     pub partition: i32,
-    entries: VecDeque<Entry>,
+    entries: VecDeque<Entry<R>>,
     rows: usize,
     oldest: Option<Instant>,
     pub plan: Option<PlanState>,
@@ -60,7 +60,7 @@ pub enum Agreement {
     Wait,
 }
 
-impl PartitionState {
+impl<R: Stored> PartitionState<R> {
     pub fn new(partition: i32, recent: RecentIds) -> Self {
         Self {
             partition,
@@ -73,7 +73,7 @@ impl PartitionState {
         }
     }
 
-    pub fn push(&mut self, offset: i64, hash: MessageHash, row: Option<ClickRow>) {
+    pub fn push(&mut self, offset: i64, hash: MessageHash, row: Option<R>) {
         self.push_entry(Entry {
             offset,
             hash,
@@ -81,7 +81,7 @@ impl PartitionState {
         });
     }
 
-    fn push_entry(&mut self, entry: Entry) {
+    fn push_entry(&mut self, entry: Entry<R>) {
         // Kafka delivers a partition in offset order; after a seek or a re-delivery an
         // offset may come again, and the first copy stands.
         if self
@@ -102,7 +102,7 @@ impl PartitionState {
 
     /// Takes the messages that arrived while this state was away being flushed (`newer`
     /// holds only later offsets); this state's plan and remembered ids stand.
-    pub fn append(&mut self, newer: PartitionState) {
+    pub fn append(&mut self, newer: Self) {
         if self.oldest.is_none() {
             self.oldest = newer.oldest;
         }
@@ -124,7 +124,7 @@ impl PartitionState {
     pub fn first_received_ms(&self) -> Option<u64> {
         self.entries
             .iter()
-            .find_map(|e| e.row.as_ref().map(|r| r.received_at_ms))
+            .find_map(|e| e.row.as_ref().map(|r| r.received_at_ms()))
     }
 
     /// Our proposal for the next insert: every message in hand. A proposal whose
@@ -211,7 +211,7 @@ impl PartitionState {
     }
 
     /// The agreed plan and its rows, if any.
-    pub fn agreed(&self) -> Option<(&PlanRange, impl Iterator<Item = &ClickRow>, Option<u64>)> {
+    pub fn agreed(&self) -> Option<(&PlanRange, impl Iterator<Item = &R>, Option<u64>)> {
         match &self.plan {
             Some(PlanState::Agreed {
                 range,
@@ -264,10 +264,10 @@ impl PartitionState {
         self.agreed()
             .map(|(_, rows, _)| {
                 rows.map(|r| {
-                    !self.recent.contains(&r.click_id)
+                    !self.recent.contains(r.id())
                         && (stored.is_empty()
-                            || !stored.contains(&(r.kafka_offset, r.click_id.clone())))
-                        && seen.insert(r.click_id.as_str())
+                            || !stored.contains(&(r.kafka_offset(), r.id().to_owned())))
+                        && seen.insert(r.id())
                 })
                 .collect()
             })
@@ -285,8 +285,8 @@ impl PartitionState {
         for entry in self.entries.drain(..len) {
             if let Some(row) = entry.row {
                 self.rows -= 1;
-                newest = newest.max(trusted_stamp(row.received_at_ms, now_ms));
-                self.recent.insert(&row.click_id, row.received_at_ms);
+                newest = newest.max(trusted_stamp(row.received_at_ms(), now_ms));
+                self.recent.insert(row.id(), row.received_at_ms());
             }
         }
         self.recent.expire(newest);
@@ -391,12 +391,13 @@ impl RecentIds {
 mod tests {
     use super::*;
     use crate::plan::message_hash;
+    use crate::row::ClickRow;
 
     fn row(o: u64, id: &str, at: u64) -> ClickRow {
         crate::row::test_row(0, o, id, at)
     }
 
-    fn state(offsets: std::ops::Range<i64>) -> PartitionState {
+    fn state(offsets: std::ops::Range<i64>) -> PartitionState<ClickRow> {
         let mut s = PartitionState::new(0, RecentIds::new(60_000, 100));
         for o in offsets {
             let id = format!("refclk_{o}");
@@ -525,7 +526,7 @@ mod tests {
         // Same offsets, other messages (the topic was recreated): shorter than ours, or
         // reaching past our messages (which must not make us wait for them).
         for old_offsets in [10..13, 10..40] {
-            let mut old = PartitionState::new(0, RecentIds::new(60_000, 100));
+            let mut old = PartitionState::<ClickRow>::new(0, RecentIds::new(60_000, 100));
             for o in old_offsets {
                 old.push(o, message_hash(None, format!("old{o}").as_bytes()), None);
             }

@@ -87,7 +87,7 @@ use crate::config::Config;
 use crate::kafka::{self, Consumer, DeadLetter, DeadLetterError, Rebalanced};
 use crate::partition::{Agreement, PartitionState, RecentIds};
 use crate::plan::{group_is_whole, message_hash, PlanGroup, PlanRange, RecordedPlan};
-use crate::row::{self, ClickRow};
+use crate::row::{Stored, Stream};
 use crate::writer::Writer;
 use shared::metric_names as m;
 
@@ -98,7 +98,7 @@ const WAIT_FOR_MESSAGES: Duration = Duration::from_millis(100);
 /// Messages taken per pass of the loop when librdkafka already holds them.
 const DRAIN_MAX: u64 = 1024;
 
-type Partitions = BTreeMap<i32, PartitionState>;
+type Partitions<R> = BTreeMap<i32, PartitionState<R>>;
 
 /// What a flush needs besides the partitions it writes; shared with the flush's task.
 struct Flusher {
@@ -110,15 +110,15 @@ struct Flusher {
 }
 
 /// A flush in its own task: it gives back the partitions it took, and its outcome.
-type InFlight = tokio::task::JoinHandle<(Partitions, Result<bool, FlushError>)>;
+type InFlight<R> = tokio::task::JoinHandle<(Partitions<R>, Result<bool, FlushError>)>;
 
-pub struct Pipeline {
+pub struct Pipeline<R: Stored> {
     config: Config,
     consumer: Arc<Consumer>,
     dlq: FutureProducer,
     flusher: Arc<Flusher>,
-    partitions: Partitions,
-    in_flight: Option<InFlight>,
+    partitions: Partitions<R>,
+    in_flight: Option<InFlight<R>>,
     /// Rows the flush in flight took with it.
     in_flight_rows: usize,
     retry_at: Option<Instant>,
@@ -146,7 +146,7 @@ pub struct Fatal {
     cause: DeadLetterError,
 }
 
-impl Pipeline {
+impl<R: Stored> Pipeline<R> {
     pub fn new(
         config: Config,
         consumer: Arc<Consumer>,
@@ -319,7 +319,7 @@ impl Pipeline {
         self.retry_at.unwrap_or(age)
     }
 
-    fn partition_state(&mut self, partition: i32) -> &mut PartitionState {
+    fn partition_state(&mut self, partition: i32) -> &mut PartitionState<R> {
         let window_ms = shared::as_ms(self.config.dedup_window);
         let max = self.config.dedup_max_ids;
         self.partitions
@@ -331,7 +331,7 @@ impl Pipeline {
         let (partition, offset) = (msg.partition(), msg.offset());
         let payload = msg.payload().unwrap_or_default();
         let hash = message_hash(msg.key(), payload);
-        match row::from_message(payload, &self.config.kafka_topic, partition, offset) {
+        match R::from_message(payload, &self.config.kafka_topic, partition, offset) {
             Ok(row) => self
                 .partition_state(partition)
                 .push(offset, hash, Some(row)),
@@ -476,7 +476,7 @@ impl Pipeline {
     /// outcome. On failure, schedules the retry and returns false.
     fn finish_flush(
         &mut self,
-        done: Result<(Partitions, Result<bool, FlushError>), tokio::task::JoinError>,
+        done: Result<(Partitions<R>, Result<bool, FlushError>), tokio::task::JoinError>,
     ) -> bool {
         self.in_flight_rows = 0;
         let (flushed, result) = match done {
@@ -528,9 +528,9 @@ impl Pipeline {
 
 impl Flusher {
     /// The steps of a flush. Returns whether a partition waits for more messages.
-    async fn write_plans(
+    async fn write_plans<R: Stored>(
         &self,
-        partitions: &mut Partitions,
+        partitions: &mut Partitions<R>,
         commit: CommitMode,
     ) -> Result<bool, FlushError> {
         self.drop_partitions_not_ours(partitions);
@@ -547,7 +547,7 @@ impl Flusher {
     }
 
     /// Invariant 4: only partitions still assigned to us are written.
-    fn drop_partitions_not_ours(&self, partitions: &mut Partitions) {
+    fn drop_partitions_not_ours<R: Stored>(&self, partitions: &mut Partitions<R>) {
         let ours: HashSet<i32> = if self.consumer.assignment_lost() {
             HashSet::new()
         } else {
@@ -583,7 +583,10 @@ impl Flusher {
 
     /// Invariant 5: once per assignment, the click ids written within the window before
     /// the first click in hand (ingest time).
-    async fn load_recent_ids(&self, partitions: &mut Partitions) -> Result<(), FlushError> {
+    async fn load_recent_ids<R: Stored>(
+        &self,
+        partitions: &mut Partitions<R>,
+    ) -> Result<(), FlushError> {
         let window_ms = shared::as_ms(self.config.dedup_window);
         let topic = &self.config.kafka_topic;
         for state in partitions.values_mut() {
@@ -597,7 +600,7 @@ impl Flusher {
             let since = u32::try_from(first.saturating_sub(window_ms) / 1000).unwrap_or(u32::MAX);
             for (id, at) in self
                 .writer
-                .recent_click_ids(topic, state.partition, since)
+                .recent_ids::<R>(topic, state.partition, since)
                 .await?
             {
                 state.recent.insert(&id, at);
@@ -610,9 +613,9 @@ impl Flusher {
     /// Invariant 3: record our proposals (in groups, see "Plan groups"), read back what is
     /// recorded at their start offsets, follow the first plan there. Returns whether a
     /// partition must wait, and the plans read.
-    async fn agree_on_plans(
+    async fn agree_on_plans<R: Stored>(
         &self,
-        partitions: &mut Partitions,
+        partitions: &mut Partitions<R>,
     ) -> Result<(bool, Recorded), FlushError> {
         let proposals: Vec<(PlanRange, usize)> = partitions
             .values_mut()
@@ -655,9 +658,9 @@ impl Flusher {
     /// How each agreed plan goes in (see "Plan groups"): alone, with its whole group, or
     /// not yet. `recorded` holds the plans read in this flush; what the groups need
     /// besides is read here. Whether a group is whole is remembered with the plan.
-    async fn routes(
+    async fn routes<R: Stored>(
         &self,
-        partitions: &mut Partitions,
+        partitions: &mut Partitions<R>,
         mut recorded: Recorded,
     ) -> Result<BTreeMap<i32, Route>, FlushError> {
         let topic = &self.config.kafka_topic;
@@ -732,9 +735,9 @@ impl Flusher {
     /// Inserts the agreed plans: finds which rows of old replays are stored already,
     /// builds the inserts (a group's plans in one, under its token), runs them at most
     /// `CONSUMER_INSERT_CONCURRENCY` at a time, and accounts for the results.
-    async fn insert_agreed_plans(
+    async fn insert_agreed_plans<R: Stored>(
         &self,
-        partitions: &mut Partitions,
+        partitions: &mut Partitions<R>,
         recorded: Recorded,
     ) -> InsertOutcome {
         let routes = match self.routes(partitions, recorded).await {
@@ -748,6 +751,15 @@ impl Flusher {
             }
         };
         let topic = &self.config.kafka_topic;
+        if R::STREAM == Stream::Conversions {
+            if let Err(e) = self.skip_stored_elsewhere(partitions).await {
+                return InsertOutcome {
+                    completed: Vec::new(),
+                    waiting: false,
+                    error: Some(e),
+                };
+            }
+        }
         let (stored, mut error) = self.stored_rows(partitions, &routes).await;
         let plan = plan_inserts(topic, partitions, &routes, &stored);
         plan.count();
@@ -778,12 +790,63 @@ impl Flusher {
         }
     }
 
+    /// Conversions: a row whose id is stored at another offset (an earlier message of the
+    /// same event, however long ago) is a repeat: its id goes into the partition's recent
+    /// ids, so it is not sent. A row found at its own offset is this plan's, stored by an
+    /// earlier attempt: it is sent again, under the same token (a no-op).
+    async fn skip_stored_elsewhere<R: Stored>(
+        &self,
+        partitions: &mut Partitions<R>,
+    ) -> Result<(), FlushError> {
+        let mut ids: Vec<&str> = Vec::new();
+        for state in partitions.values() {
+            if let Some((_, rows, _)) = state.agreed() {
+                ids.extend(rows.map(Stored::id));
+            }
+        }
+        let found = self
+            .writer
+            .stored_ids::<R>(&self.config.kafka_topic, &ids)
+            .await?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        let mut earlier: HashMap<i32, Vec<(String, u64)>> = HashMap::new();
+        for state in partitions.values() {
+            let Some((_, rows, _)) = state.agreed() else {
+                continue;
+            };
+            for row in rows {
+                let elsewhere = found.iter().any(|(id, p, o)| {
+                    id == row.id() && (i32::from(*p) != state.partition || *o != row.kafka_offset())
+                });
+                let here = found.iter().any(|(id, p, o)| {
+                    id == row.id() && i32::from(*p) == state.partition && *o == row.kafka_offset()
+                });
+                if elsewhere && !here {
+                    earlier
+                        .entry(state.partition)
+                        .or_default()
+                        .push((row.id().to_owned(), row.received_at_ms()));
+                }
+            }
+        }
+        for (partition, ids) in earlier {
+            if let Some(state) = partitions.get_mut(&partition) {
+                for (id, at) in ids {
+                    state.recent.insert(&id, at);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The rows already stored of each plan routed `Alone { check_stored: true }` (another
     /// member's old plan, which may have left the server's deduplication window). A
     /// partition whose check failed is left out of this flush, with the error.
-    async fn stored_rows(
+    async fn stored_rows<R: Stored>(
         &self,
-        partitions: &Partitions,
+        partitions: &Partitions<R>,
         routes: &BTreeMap<i32, Route>,
     ) -> (StoredRows, Option<FlushError>) {
         let mut stored = StoredRows::new();
@@ -796,11 +859,11 @@ impl Flusher {
                 continue;
             }
             let received = rows.fold((u32::MAX, 0), |(lo, hi), r| {
-                (lo.min(r.received_at), hi.max(r.received_at))
+                (lo.min(r.received_at()), hi.max(r.received_at()))
             });
             match self
                 .writer
-                .stored_in_plan(&self.config.kafka_topic, range, received)
+                .stored_in_plan::<R>(&self.config.kafka_topic, range, received)
                 .await
             {
                 Ok(found) => {
@@ -817,9 +880,9 @@ impl Flusher {
 
     /// Runs the inserts, at most `CONSUMER_INSERT_CONCURRENCY` at once: per job, its
     /// index, the result and how long it took.
-    async fn run_inserts(
+    async fn run_inserts<R: Stored>(
         &self,
-        agreed: &Partitions,
+        agreed: &Partitions<R>,
         jobs: &[InsertJob],
     ) -> Vec<(usize, clickhouse::error::Result<usize>, Duration)> {
         let writer = &self.writer;
@@ -840,7 +903,14 @@ impl Flusher {
                 Box::pin(async move {
                     let started = Instant::now();
                     let rows = rows_to_insert(agreed, plans);
-                    let result = writer.insert_plan(rows.into_iter(), token).await;
+                    let mut result = writer.insert_plan(rows.iter().copied(), token).await;
+                    if result.is_ok() {
+                        // Stored, then linked: a failed link fails the insert, which is
+                        // sent again (a no-op) and linked again before the commit.
+                        if let Err(e) = R::link(writer, &rows).await {
+                            result = Err(e);
+                        }
+                    }
                     (job, result, started.elapsed())
                 })
             })
@@ -920,9 +990,9 @@ impl InsertPlan {
 /// Builds a flush's inserts from its agreed plans (pure): a plan routed to a group joins
 /// the group's insert under the group's token, any other goes alone under its own; rows
 /// stored already or repeating a click id are flagged not to be sent.
-fn plan_inserts(
+fn plan_inserts<R: Stored>(
     topic: &str,
-    partitions: &Partitions,
+    partitions: &Partitions<R>,
     routes: &BTreeMap<i32, Route>,
     stored: &StoredRows,
 ) -> InsertPlan {
@@ -980,7 +1050,10 @@ struct InsertJob {
 }
 
 /// The rows of one insert: of each plan, those flagged to be sent.
-fn rows_to_insert<'a>(agreed: &'a Partitions, plans: &'a [(i32, Vec<bool>)]) -> Vec<&'a ClickRow> {
+fn rows_to_insert<'a, R: Stored>(
+    agreed: &'a Partitions<R>,
+    plans: &'a [(i32, Vec<bool>)],
+) -> Vec<&'a R> {
     let mut out = Vec::new();
     for (partition, flags) in plans {
         if let Some((_, rows, _)) = agreed.get(partition).and_then(PartitionState::agreed) {
@@ -1041,6 +1114,7 @@ fn group_proposals(
 mod tests {
     use super::*;
     use crate::plan::message_hash;
+    use crate::row::ClickRow;
 
     fn proposal(partition: i32, rows: usize) -> (PlanRange, usize) {
         let hashes: Vec<(i64, crate::plan::MessageHash)> = (0..3)
@@ -1063,7 +1137,7 @@ mod tests {
         out
     }
 
-    fn agreed_state(partition: i32, rows: i64) -> PartitionState {
+    fn agreed_state(partition: i32, rows: i64) -> PartitionState<ClickRow> {
         let mut s = PartitionState::new(partition, RecentIds::new(60_000, 100));
         for o in 0..rows {
             let id = format!("refclk_{partition}_{o}");
@@ -1083,7 +1157,7 @@ mod tests {
 
     #[test]
     fn inserts_are_planned_by_route_with_stored_rows_left_out() {
-        let partitions: Partitions = (0..5).map(|p| (p, agreed_state(p, 3))).collect();
+        let partitions: Partitions<ClickRow> = (0..5).map(|p| (p, agreed_state(p, 3))).collect();
         let group = PlanGroup {
             id: "g".repeat(32),
             starts: vec![(0, 0), (1, 0)],

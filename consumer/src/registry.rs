@@ -252,6 +252,7 @@ pub async fn accounts(
         plan,
         overage,
         status,
+        attribution_window_days,
     } = cmd;
     check_account_id(&account).map_err(|e| anyhow!("account {account:?}: {e}"))?;
     let plan_def = catalogue.get(&plan).ok_or_else(|| {
@@ -272,9 +273,12 @@ pub async fn accounts(
     let status = match status.as_deref() {
         Some("suspended") => AccountStatus::Suspended,
         Some(_) => AccountStatus::Active,
-        None => current.map_or(AccountStatus::Active, |c| c.status),
+        None => current.as_ref().map_or(AccountStatus::Active, |c| c.status),
     };
-    let record = AccountRecord::new(&plan, overage, status);
+    let mut record = AccountRecord::new(&plan, overage, status);
+    record.attribution_window_days = attribution_window_days
+        .or(current.map(|c| c.attribution_window_days))
+        .unwrap_or(shared::registry::DEFAULT_ATTRIBUTION_WINDOW_DAYS);
     publish_all(
         config,
         &config.accounts_topic,
@@ -282,13 +286,14 @@ pub async fn accounts(
     )
     .await?;
     println!(
-        "account {account}: plan {plan}, overage {}, {}",
+        "account {account}: plan {plan}, overage {}, {}, attribution window {} days",
         if overage { "on" } else { "off" },
         if status == AccountStatus::Active {
             "active"
         } else {
             "suspended"
-        }
+        },
+        record.attribution_window_days
     );
     Ok(())
 }
@@ -425,6 +430,7 @@ struct AccountRow {
     updated_at: i64,
     version: u64,
     is_deleted: u8,
+    attribution_window_days: u16,
 }
 
 #[derive(Row, Serialize)]
@@ -504,6 +510,7 @@ fn add_message(config: &Config, catalogue: &Catalogue, batch: &mut Batch, msg: &
                 updated_at: 0,
                 version,
                 is_deleted: 1,
+                attribution_window_days: shared::registry::DEFAULT_ATTRIBUTION_WINDOW_DAYS,
             },
             Some(v) => match AccountRecord::decode(v) {
                 Ok(r) if catalogue.get(&r.plan).is_none() => {
@@ -526,6 +533,7 @@ fn add_message(config: &Config, catalogue: &Catalogue, batch: &mut Batch, msg: &
                     plan: r.plan,
                     version,
                     is_deleted: 0,
+                    attribution_window_days: r.attribution_window_days,
                 },
                 Err(e) => return skipped("account", topic, offset, &e),
             },

@@ -1,10 +1,157 @@
-//! The row of `referral_clicks`, built from a decoded event and where it sat in Kafka.
+//! The rows the consumer stores, built from a decoded event and where it sat in Kafka:
+//! `referral_clicks` ([`ClickRow`]) and `conversions` ([`ConversionRow`]). The pipeline is
+//! the same for both ([`Stored`]): what differs is how a message becomes a row, the column
+//! naming a row's identity (a client retry of it is the same row), and the step that links
+//! the two streams once a plan is stored ([`crate::writer::Writer::link_clicks`]).
 
-use clickhouse::Row;
+use clickhouse::{Row, RowOwned, RowWrite};
 use serde::{Deserialize, Serialize};
 
+use shared::conversion::ConversionEvent;
 use shared::event::{ClickEvent, DecodeError};
 use shared::hashing::Digest;
+
+use crate::writer::Writer;
+
+/// Which of the two streams a row belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Clicks,
+    Conversions,
+}
+
+/// A row the pipeline stores exactly once (see [`crate::pipeline`]).
+pub trait Stored: RowOwned + RowWrite + Sized + Send + Sync + std::fmt::Debug + 'static {
+    const STREAM: Stream;
+    /// The column holding [`Stored::id`].
+    const ID_COLUMN: &'static str;
+    fn from_message(
+        payload: &[u8],
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Self, Rejection>;
+    /// The row's identity: a message with the same id is a client retry of it.
+    fn id(&self) -> &str;
+    /// When ingest accepted it, Unix ms.
+    fn received_at_ms(&self) -> u64;
+    /// The same, in seconds (the table's `received_at`).
+    fn received_at(&self) -> u32;
+    fn kafka_offset(&self) -> u64;
+    /// After a plan's rows are stored: links them to the other stream's rows.
+    fn link<'a>(
+        writer: &'a Writer,
+        rows: &'a [&'a Self],
+    ) -> impl std::future::Future<Output = clickhouse::error::Result<()>> + Send + 'a;
+}
+
+impl Stored for ClickRow {
+    const STREAM: Stream = Stream::Clicks;
+    const ID_COLUMN: &'static str = "click_id";
+    fn from_message(
+        payload: &[u8],
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Self, Rejection> {
+        from_message(payload, topic, partition, offset)
+    }
+    fn id(&self) -> &str {
+        &self.click_id
+    }
+    fn received_at_ms(&self) -> u64 {
+        self.received_at_ms
+    }
+    fn received_at(&self) -> u32 {
+        self.received_at
+    }
+    fn kafka_offset(&self) -> u64 {
+        self.kafka_offset
+    }
+    fn link<'a>(
+        writer: &'a Writer,
+        rows: &'a [&'a Self],
+    ) -> impl std::future::Future<Output = clickhouse::error::Result<()>> + Send + 'a {
+        writer.link_clicks(rows)
+    }
+}
+
+/// Field order and types match `deploy/clickhouse/0010_conversions.sql`. One row per
+/// conversion: `conversion_key` (account/type/event_id) is its identity.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct ConversionRow {
+    pub conversion_key: String,
+    pub account_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub event_id: String,
+    pub customer_hash: [u8; 32],
+    pub key_id: String,
+    pub click_id: String,
+    pub amount: u64,
+    pub currency: String,
+    pub occurred_at_ms: u64,
+    pub received_at: u32,
+    pub received_at_ms: u64,
+    pub api_key_id: String,
+    pub kafka_topic: String,
+    pub kafka_partition: u16,
+    pub kafka_offset: u64,
+}
+
+impl Stored for ConversionRow {
+    const STREAM: Stream = Stream::Conversions;
+    const ID_COLUMN: &'static str = "conversion_key";
+    fn from_message(
+        payload: &[u8],
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Self, Rejection> {
+        if payload.is_empty() {
+            return Err(Rejection::Empty);
+        }
+        let (event, customer_hash) = ConversionEvent::decode(payload)?;
+        Ok(Self {
+            conversion_key: event.dedup_id(),
+            account_id: event.account_id,
+            kind: event.kind.as_str().to_owned(),
+            event_id: event.event_id,
+            customer_hash,
+            key_id: event.key_id,
+            click_id: event.click_id,
+            amount: event.amount,
+            currency: event.currency,
+            occurred_at_ms: event.occurred_at_ms,
+            received_at: u32::try_from(event.received_at_ms / 1000)
+                .map_err(|_| Rejection::OutOfRange("received_at"))?,
+            received_at_ms: event.received_at_ms,
+            api_key_id: event.api_key_id,
+            kafka_topic: topic.to_owned(),
+            kafka_partition: u16::try_from(partition)
+                .map_err(|_| Rejection::OutOfRange("partition"))?,
+            kafka_offset: u64::try_from(offset).map_err(|_| Rejection::OutOfRange("offset"))?,
+        })
+    }
+    fn id(&self) -> &str {
+        &self.conversion_key
+    }
+    fn received_at_ms(&self) -> u64 {
+        self.received_at_ms
+    }
+    fn received_at(&self) -> u32 {
+        self.received_at
+    }
+    fn kafka_offset(&self) -> u64 {
+        self.kafka_offset
+    }
+    fn link<'a>(
+        writer: &'a Writer,
+        rows: &'a [&'a Self],
+    ) -> impl std::future::Future<Output = clickhouse::error::Result<()>> + Send + 'a {
+        writer.link_conversions(rows)
+    }
+}
 
 /// Why a message cannot become a row (it goes to the dead-letter topic with this reason).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

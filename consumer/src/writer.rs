@@ -10,12 +10,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::plan::{PlanGroup, PlanRange, RecordedPlan};
-use crate::row::ClickRow;
+use crate::row::{ClickRow, ConversionRow, Stored};
 
 #[derive(Clone)]
 pub struct Writer {
     client: Client,
     table: String,
+    /// The raw clicks table (the conversions stream links its rows to clicks there).
+    clicks_table: String,
     plans_table: String,
     /// Of one insert, and of each plan or id query.
     timeout: Duration,
@@ -48,18 +50,146 @@ struct RecordedRow {
     group_starts: Vec<(u16, u64)>,
 }
 
+/// A row of `conversion_clicks`: a click some conversion names.
+#[derive(Debug, Row, Serialize)]
+struct LinkedClick {
+    click_id: String,
+    account_id: String,
+    code: String,
+    landing_path: String,
+    utm_source: String,
+    utm_medium: String,
+    utm_campaign: String,
+    clicked_at_ms: u64,
+}
+
 fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
 impl Writer {
+    /// The writer of the clicks table.
     pub fn new(config: &Config) -> Self {
+        Self::for_table(config, &config.clickhouse_table)
+    }
+
+    /// The writer of another table of the same design (its plans in `{table}_plans`).
+    pub fn for_table(config: &Config, table: &str) -> Self {
         Self {
             client: base_client(config).with_database(&config.clickhouse_database),
-            table: config.clickhouse_table.clone(),
-            plans_table: format!("{}_plans", config.clickhouse_table),
+            table: table.to_owned(),
+            clicks_table: config.clickhouse_table.clone(),
+            plans_table: format!("{table}_plans"),
             timeout: config.insert_timeout,
         }
+    }
+
+    fn timeout_secs(&self) -> String {
+        self.timeout.as_secs().max(1).to_string()
+    }
+
+    /// Where each of `ids` is stored already, if anywhere: `(id, partition, offset)`. The
+    /// conversions stream asks this of every plan, so that a repeat of an event is stored
+    /// once however late it comes (the retry window of invariant 5 is bounded; this is
+    /// not). The table is ordered by the id: a primary-key lookup.
+    pub async fn stored_ids<R: Stored>(
+        &self,
+        topic: &str,
+        ids: &[&str],
+    ) -> clickhouse::error::Result<Vec<(String, u16, u64)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT {id}, kafka_partition, kafka_offset FROM {} WHERE {id} IN ? AND kafka_topic = ?",
+            self.table,
+            id = R::ID_COLUMN,
+        );
+        self.client
+            .query(&sql)
+            .bind(ids)
+            .bind(topic)
+            .with_setting("max_execution_time", self.timeout_secs())
+            .fetch_all()
+            .await
+    }
+
+    /// Links stored clicks and conversions (attribution reads the links, see
+    /// `deploy/clickhouse/0010_conversions.sql`): after a plan of either stream is stored,
+    /// the clicks its rows name or are named by are copied into `conversion_clicks`.
+    /// Each side stores first and looks second, so whichever of a click and its conversion
+    /// is stored last finds the other: the link is made whatever order they arrive in.
+    /// Copying again is harmless (one row per click id).
+    pub async fn link_clicks(&self, clicks: &[&ClickRow]) -> clickhouse::error::Result<()> {
+        if clicks.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = clicks.iter().map(|c| c.click_id.as_str()).collect();
+        let named: Vec<String> = self
+            .client
+            .query("SELECT DISTINCT click_id FROM conversions WHERE click_id IN ?")
+            .bind(&ids)
+            .with_setting("max_execution_time", self.timeout_secs())
+            .fetch_all()
+            .await?;
+        if named.is_empty() {
+            return Ok(());
+        }
+        let named: std::collections::HashSet<&str> = named.iter().map(String::as_str).collect();
+        let mut insert = self
+            .client
+            .insert::<LinkedClick>("conversion_clicks")
+            .await?
+            .with_setting("async_insert", "0")
+            .with_timeouts(Some(self.timeout), Some(self.timeout));
+        for c in clicks
+            .iter()
+            .filter(|c| named.contains(c.click_id.as_str()))
+        {
+            insert
+                .write(&LinkedClick {
+                    click_id: c.click_id.clone(),
+                    account_id: c.account_id.clone(),
+                    code: c.code.clone(),
+                    landing_path: c.landing_path.clone(),
+                    utm_source: c.utm_source.clone(),
+                    utm_medium: c.utm_medium.clone(),
+                    utm_campaign: c.utm_campaign.clone(),
+                    clicked_at_ms: c.received_at_ms,
+                })
+                .await?;
+        }
+        insert.end().await
+    }
+
+    /// [`Self::link_clicks`] from the conversions' side: copies the clicks they name.
+    pub async fn link_conversions(
+        &self,
+        conversions: &[&ConversionRow],
+    ) -> clickhouse::error::Result<()> {
+        let mut ids: Vec<&str> = conversions
+            .iter()
+            .map(|c| c.click_id.as_str())
+            .filter(|id| !id.is_empty())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "INSERT INTO conversion_clicks (click_id, account_id, code, landing_path, \
+             utm_source, utm_medium, utm_campaign, clicked_at_ms) \
+             SELECT click_id, account_id, code, landing_path, utm_source, utm_medium, \
+             utm_campaign, received_at_ms FROM {} WHERE click_id IN ?",
+            self.clicks_table
+        );
+        self.client
+            .query(&sql)
+            .bind(&ids)
+            .with_setting("max_execution_time", self.timeout_secs())
+            .execute()
+            .await
     }
 
     /// Records our proposals (one insert for all partitions), each with the group it is
@@ -169,14 +299,14 @@ impl Writer {
     /// One INSERT of one plan's rows (or a plan group's) under its deduplication token:
     /// inserting the same plan again (a retry, a replay by another member, an insert that
     /// outlived its sender) is a no-op in the table and in every view's target table.
-    pub async fn insert_plan<'a>(
+    pub async fn insert_plan<'a, R: Stored>(
         &self,
-        rows: impl Iterator<Item = &'a ClickRow>,
+        rows: impl Iterator<Item = &'a R>,
         token: &str,
     ) -> clickhouse::error::Result<usize> {
         let mut insert = self
             .client
-            .insert::<ClickRow>(&self.table)
+            .insert::<R>(&self.table)
             .await?
             // Done when the server answers (a current server may default this to 1).
             .with_setting("async_insert", "0")
@@ -195,20 +325,20 @@ impl Writer {
         Ok(n)
     }
 
-    /// `(offset, click_id)` of the rows of one partition stored at offsets `lo..=hi`,
+    /// `(offset, id)` of the rows of one partition stored at offsets `lo..=hi`,
     /// looked up within the months of `received` (min, max ingest time in seconds) so that
     /// only those partitions of the table are read.
-    pub async fn stored_in_plan(
+    pub async fn stored_in_plan<R: Stored>(
         &self,
         topic: &str,
         range: &PlanRange,
         received: (u32, u32),
     ) -> clickhouse::error::Result<Vec<(u64, String)>> {
         let sql = format!(
-            "SELECT kafka_offset, click_id FROM {} \
+            "SELECT kafka_offset, {} FROM {} \
              WHERE received_at >= toDateTime(?) AND received_at <= toDateTime(?) \
              AND kafka_topic = ? AND kafka_partition = ? AND kafka_offset >= ? AND kafka_offset <= ?",
-            self.table
+            R::ID_COLUMN, self.table
         );
         self.client
             .query(&sql)
@@ -226,16 +356,17 @@ impl Writer {
             .await
     }
 
-    /// Click ids of one partition received at or after `since_secs`, with their times.
-    pub async fn recent_click_ids(
+    /// Ids of one partition's rows received at or after `since_secs`, with their times.
+    pub async fn recent_ids<R: Stored>(
         &self,
         topic: &str,
         partition: i32,
         since_secs: u32,
     ) -> clickhouse::error::Result<Vec<(String, u64)>> {
         let sql = format!(
-            "SELECT click_id, received_at_ms FROM {} WHERE received_at >= toDateTime(?) \
+            "SELECT {}, received_at_ms FROM {} WHERE received_at >= toDateTime(?) \
              AND kafka_topic = ? AND kafka_partition = ?",
+            R::ID_COLUMN,
             self.table
         );
         self.client

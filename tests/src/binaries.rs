@@ -62,6 +62,8 @@ impl Ingest {
             .env("INGEST_ACCOUNTS_TOPIC", &opts.registry.accounts)
             .env("INGEST_CODES_TOPIC", &opts.registry.codes)
             .env("INGEST_REFUSALS_TOPIC", &opts.registry.refusals)
+            .env("INGEST_KEYS_TOPIC", &opts.registry.keys)
+            .env("INGEST_CONVERSIONS_TOPIC", &opts.registry.conversions)
             .env("INGEST_PLANS_FILE", test_catalogue())
             .env("INGEST_REDIS_URL", redis_url())
             .env("INGEST_REDIS_PREFIX", &opts.redis_prefix)
@@ -123,6 +125,8 @@ impl ConsumerProc {
             .env("CONSUMER_ACCOUNTS_TOPIC", &opts.registry.accounts)
             .env("CONSUMER_CODES_TOPIC", &opts.registry.codes)
             .env("CONSUMER_REFUSALS_TOPIC", &opts.registry.refusals)
+            .env("CONSUMER_KEYS_TOPIC", &opts.registry.keys)
+            .env("CONSUMER_CONVERSIONS_TOPIC", &opts.registry.conversions)
             .env("CONSUMER_PLANS_FILE", test_catalogue())
             // tansu leaves survivors of a crashed leader without partitions (see config.rs).
             .env("CONSUMER_REJOIN_IDLE_SECS", "5");

@@ -9,6 +9,8 @@ pub struct RegistryTopics {
     pub codes: String,
     pub keys: String,
     pub refusals: String,
+    /// Not the registry, but named and created with it: every scope has its own.
+    pub conversions: String,
 }
 
 impl RegistryTopics {
@@ -18,6 +20,7 @@ impl RegistryTopics {
             codes: format!("{topic}_codes"),
             keys: format!("{topic}_keys"),
             refusals: format!("{topic}_refusals"),
+            conversions: format!("{topic}_conversions"),
         }
     }
 
@@ -26,6 +29,7 @@ impl RegistryTopics {
         create_topic(brokers, &self.codes, 2).await;
         create_topic(brokers, &self.keys, 1).await;
         create_topic(brokers, &self.refusals, 1).await;
+        create_topic(brokers, &self.conversions, 2).await;
     }
 
     /// The settings an operator command needs to write these topics.
@@ -42,6 +46,7 @@ impl RegistryTopics {
             .env("CONSUMER_CODES_TOPIC", &self.codes)
             .env("CONSUMER_KEYS_TOPIC", &self.keys)
             .env("CONSUMER_REFUSALS_TOPIC", &self.refusals)
+            .env("CONSUMER_CONVERSIONS_TOPIC", &self.conversions)
             .env("CONSUMER_PLANS_FILE", plans)
             .env("LOG_LEVEL", "warn");
     }

@@ -640,6 +640,11 @@ async fn hold_ingest_setup(dir: &Path, script: &Path) {
         ("INGEST_ACCOUNTS_TOPIC".into(), registry.accounts.clone()),
         ("INGEST_CODES_TOPIC".into(), registry.codes.clone()),
         ("INGEST_REFUSALS_TOPIC".into(), registry.refusals.clone()),
+        ("INGEST_KEYS_TOPIC".into(), registry.keys.clone()),
+        (
+            "INGEST_CONVERSIONS_TOPIC".into(),
+            registry.conversions.clone(),
+        ),
         ("INGEST_PLANS_FILE".into(), catalogue.display().to_string()),
         ("INGEST_REDIS_URL".into(), redis_url()),
         ("INGEST_REDIS_PREFIX".into(), format!("{}:", unique("hold"))),

@@ -77,10 +77,13 @@ async fn main() {
         codes: "bench_codes".into(),
         keys: "bench_keys".into(),
         refusals: "bench_refusals".into(),
+        conversions: "bench_conversions".into(),
     };
     create_topic(&brokers, &big.accounts, 1).await;
     create_topic(&brokers, &big.codes, 4).await;
+    create_topic(&brokers, &big.keys, 1).await;
     create_topic(&brokers, &big.refusals, 1).await;
+    create_topic(&brokers, &big.conversions, 1).await;
     let record =
         shared::registry::AccountRecord::new("pro", true, shared::registry::AccountStatus::Active)
             .encode();
