@@ -129,7 +129,8 @@ impl ClientContext for Context {
                 } else {
                     0.0
                 };
-                metrics::gauge!(m::PARTITION_LAG, "partition" => partition.to_string()).set(lag);
+                metrics::gauge!(m::PARTITION_LAG, "topic" => self.topic.clone(), "partition" => partition.to_string())
+                    .set(lag);
             }
         }
     }

@@ -521,8 +521,10 @@ impl<R: Stored> Pipeline<R> {
 
     fn update_gauges(&self) {
         let age = self.oldest().map_or(0.0, |t| t.elapsed().as_secs_f64());
-        metrics::gauge!(m::OLDEST_UNFLUSHED_AGE).set(age);
-        metrics::gauge!(m::BUFFERED_ROWS).set(self.buffered_rows() as f64);
+        // Both streams run in one process: each has its own series.
+        let stream = R::STREAM.label();
+        metrics::gauge!(m::OLDEST_UNFLUSHED_AGE, "stream" => stream).set(age);
+        metrics::gauge!(m::BUFFERED_ROWS, "stream" => stream).set(self.buffered_rows() as f64);
     }
 }
 

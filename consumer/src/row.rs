@@ -20,6 +20,16 @@ pub enum Stream {
     Conversions,
 }
 
+impl Stream {
+    /// The `stream` label of the per-stream metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Clicks => "clicks",
+            Self::Conversions => "conversions",
+        }
+    }
+}
+
 /// A row the pipeline stores exactly once (see [`crate::pipeline`]).
 pub trait Stored: RowOwned + RowWrite + Sized + Send + Sync + std::fmt::Debug + 'static {
     const STREAM: Stream;

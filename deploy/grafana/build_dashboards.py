@@ -104,8 +104,25 @@ billing = dashboard(
         sql_panel(2, "Accounts near or over their caps (day and month of the range's end)", "accounts_near_caps"),
         sql_panel(3, "Overage revenue per account and month (USD)", "overage_revenue"),
         sql_panel(4, "Refused clicks by limit", "refusals_by_limit"),
+        sql_panel(5, "Credits per account and day: clicks and conversions", "account_credits_by_kind"),
     ],
     "now-24h",
+)
+
+conversions = dashboard(
+    "conversions",
+    "Conversions",
+    [
+        sql_panel(0, "Funnel: clicks, leads, sales, rates, unattributed share", "conversions_funnel", "stat"),
+        sql_panel(1, "Leads and sales per day", "conversions_over_time", "timeseries"),
+        sql_panel(2, "Revenue per currency (minor units) and per click", "conversions_revenue"),
+        sql_panel(3, "How conversions are attributed, time from click to conversion", "conversions_attribution"),
+        sql_panel(4, "By account", "conversions_by_account"),
+        sql_panel(5, "By referral code", "conversions_by_code"),
+        sql_panel(6, "By utm source / medium / campaign", "conversions_by_utm"),
+        sql_panel(7, "By landing path", "conversions_by_landing_path"),
+    ],
+    "now-30d",
 )
 
 health = dashboard(
@@ -137,7 +154,7 @@ health = dashboard(
             ("min(ingest_broker_up)", "broker up"),
         ]),
         prom_panel(6, "Consumer lag per partition", [
-            ("sum by (partition) (consumer_partition_lag_messages)", "partition {{partition}}"),
+            ("sum by (topic, partition) (consumer_partition_lag_messages)", "{{topic}} {{partition}}"),
         ]),
         prom_panel(7, "Rows inserted and dead letters", [
             ("sum(rate(consumer_rows_inserted_total[1m]))", "rows/s"),
@@ -153,8 +170,8 @@ health = dashboard(
             ("histogram_quantile(0.99, sum by (le) (rate(consumer_insert_duration_seconds_bucket[5m])))", "p99"),
         ], "s"),
         prom_panel(10, "Oldest unflushed click and buffer", [
-            ("max(consumer_oldest_unflushed_age_seconds)", "oldest unflushed (s)"),
-            ("sum(consumer_buffered_rows)", "buffered rows"),
+            ("max by (stream) (consumer_oldest_unflushed_age_seconds)", "{{stream}} oldest unflushed (s)"),
+            ("sum by (stream) (consumer_buffered_rows)", "{{stream}} buffered rows"),
         ]),
         prom_panel(11, "Targets up", [
             ('up{job=~"ingest|consumer"}', "{{job}} {{instance}}"),
@@ -164,6 +181,10 @@ health = dashboard(
             ("sum(rate(ingest_limits_local_decisions_total[1m]))", "decided without Redis"),
             ("min(ingest_limits_redis_up)", "Redis up (all instances)"),
         ]),
+        prom_panel(14, "Conversions accepted and rejected", [
+            ("sum by (type) (rate(ingest_conversions_accepted_total[1m]))", "accepted: {{type}}"),
+            ("sum by (reason) (rate(ingest_conversions_rejected_total[1m]))", "rejected: {{reason}}"),
+        ], "reqps"),
         prom_panel(13, "Referral registry", [
             ("max(ingest_registry_codes)", "codes held"),
             ("sum by (result) (rate(ingest_registry_messages_total[5m]))", "messages {{result}}"),
@@ -173,6 +194,6 @@ health = dashboard(
 )
 
 OUT.mkdir(parents=True, exist_ok=True)
-for board in (attribution, billing, health):
+for board in (attribution, billing, conversions, health):
     (OUT / f"{board['uid']}.json").write_text(json.dumps(board, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {board['uid']}.json")

@@ -551,3 +551,168 @@ async fn conversions_land_once_and_are_attributed_by_the_three_rules_in_any_orde
     assert_eq!(billed, 6);
     scope.drop_database().await;
 }
+
+const HUMAN_UA: &str = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36";
+
+/// The "Conversions" dashboard and its named queries on a known data set: 4 human clicks
+/// on two codes, six conversions (two by their own click, one inherited, two of a
+/// customer no click brought, one by its own click on the other code).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conversions_dashboard_answers_the_known_data_set() {
+    // The clicks must land within one clock hour (the hourly rollups at the range's edge).
+    let secs_in_hour = (shared::now_ms() / 1000) % 3600;
+    if secs_in_hour > 3540 {
+        tokio::time::sleep(Duration::from_secs(3600 - secs_in_hour + 1)).await;
+    }
+    let scope = Scope::new("conv_dash", 2).await;
+    let second_code = "CODEA2A2A2A2";
+    scope.register_codes(&[second_code]).await;
+    let (_, secret) = scope.create_key(&scope.account).await;
+    let ingest = Ingest::start(&scope.ingest_options());
+    let consumer = ConsumerProc::start(&scope.consumer_options());
+    ingest.ready().await;
+    consumer.ready().await;
+    let client = http();
+    let clicks = [
+        (
+            "refclk_k1",
+            DOCS_CODE,
+            "/pricing",
+            ("news", "email", "spring"),
+        ),
+        (
+            "refclk_k2",
+            DOCS_CODE,
+            "/pricing",
+            ("news", "email", "spring"),
+        ),
+        ("refclk_k3", second_code, "/blog", ("ads", "cpc", "launch")),
+        ("refclk_k4", second_code, "/blog", ("ads", "cpc", "launch")),
+    ];
+    for (id, code, path, (source, medium, campaign)) in clicks {
+        let r = client
+            .post(ingest.url("/api/v1/referrals/click"))
+            .header("content-type", "application/json")
+            .header("user-agent", HUMAN_UA)
+            .body(
+                json!({"code": code, "click_id": id, "landing_path": path,
+                       "utm_source": source, "utm_medium": medium, "utm_campaign": campaign})
+                .to_string(),
+            )
+            .send()
+            .await
+            .expect("click");
+        assert_eq!(r.status(), 200);
+    }
+    scope.wait_rows(4, Duration::from_secs(30)).await;
+    for body in [
+        lead("L1", "cust1", Some("refclk_k1")),
+        sale("S1", "cust1", 5000, None),
+        lead("L2", "cust2", Some("refclk_k3")),
+        json!({"type": "sale", "event_id": "S2", "customer_id": "cust2", "click_id": "refclk_k3",
+               "amount": 1000, "currency": "USD"}),
+        lead("L3", "cust3", None),
+        sale("S3", "cust3", 300, None),
+    ] {
+        let a = post_conversion(&client, &ingest, &secret, &body).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+    }
+    let db = ClickHouse::new(&format!(
+        "{}/?database={}",
+        clickhouse_url(),
+        scope.database
+    ));
+    eventually(
+        "six conversions attributed",
+        Duration::from_secs(30),
+        || async {
+            (db.scalar(
+                "SELECT countIf(attribution != 'none') FROM conversions_attributed FORMAT TSV",
+            )
+            .await
+                == 4)
+                .then_some(())
+        },
+    )
+    .await;
+
+    let rows = |r: &[&[&str]]| -> Vec<Vec<String>> {
+        r.iter()
+            .map(|row| row.iter().map(|c| (*c).to_owned()).collect())
+            .collect()
+    };
+    let me = scope.account.as_str();
+    let mut expected = std::collections::BTreeMap::new();
+    expected.insert(
+        "conversions_funnel",
+        rows(&[&["4", "3", "3", "0.5", "0.5", "0.3333"]]),
+    );
+    expected.insert("conversions_over_time", rows(&[&["<hour>", "3", "3"]]));
+    expected.insert(
+        "conversions_revenue",
+        rows(&[
+            &["EUR", "2", "5300", "5000", "1250"],
+            &["USD", "1", "1000", "1000", "250"],
+        ]),
+    );
+    expected.insert(
+        "conversions_attribution",
+        rows(&[
+            &["lead", "click", "2", "0.6667", "<any>", "<any>"],
+            &["lead", "none", "1", "0.3333", "\\N", "\\N"],
+            &["sale", "click", "1", "0.3333", "<any>", "<any>"],
+            &["sale", "customer", "1", "0.3333", "<any>", "<any>"],
+            &["sale", "none", "1", "0.3333", "\\N", "\\N"],
+        ]),
+    );
+    expected.insert(
+        "conversions_by_account",
+        rows(&[&[
+            me,
+            "4",
+            "3",
+            "3",
+            "0.5",
+            "0.5",
+            "EUR 5300, USD 1000",
+            "0.3333",
+        ]]),
+    );
+    expected.insert(
+        "conversions_by_code",
+        rows(&[
+            &[DOCS_CODE, "2", "1", "1", "0.5", "0.5", "EUR 5000", "<any>"],
+            &[
+                second_code,
+                "2",
+                "1",
+                "1",
+                "0.5",
+                "0.5",
+                "USD 1000",
+                "<any>",
+            ],
+        ]),
+    );
+    expected.insert(
+        "conversions_by_utm",
+        rows(&[
+            &[
+                "ads", "cpc", "launch", "2", "1", "1", "0.5", "0.5", "USD 1000",
+            ],
+            &[
+                "news", "email", "spring", "2", "1", "1", "0.5", "0.5", "EUR 5000",
+            ],
+        ]),
+    );
+    expected.insert(
+        "conversions_by_landing_path",
+        rows(&[
+            &["/blog", "2", "1", "1", "0.5", "0.5", "USD 1000"],
+            &["/pricing", "2", "1", "1", "0.5", "0.5", "EUR 5000"],
+        ]),
+    );
+    let now = shared::now_ms() / 1000;
+    check_dashboard(&db, "conversions", &expected, (now - 86_400, now + 5)).await;
+    scope.drop_database().await;
+}

@@ -10,10 +10,15 @@ use e2e::*;
 #[tokio::test(flavor = "multi_thread")]
 async fn live_ingest_conforms_to_its_openapi_description() {
     let scope = Scope::new("schemathesis", 2).await;
+    // Every request carries a valid key: the conversions operation gets past 401 to its
+    // validation and its 200s (the other routes ignore the header).
+    let (_, secret) = scope.create_key(&scope.account).await;
     let mut opts = scope.ingest_options();
     opts.extra_env = vec![
         ("INGEST_RATE_LIMIT_PER_MINUTE".into(), "1000000000".into()),
         ("INGEST_RATE_LIMIT_BURST".into(), "1000000000".into()),
+        ("INGEST_KEY_RATE_PER_MINUTE".into(), "1000000000".into()),
+        ("INGEST_KEY_RATE_BURST".into(), "1000000000".into()),
     ];
     let ingest = Ingest::start(&opts);
     ingest.ready().await;
@@ -24,6 +29,7 @@ async fn live_ingest_conforms_to_its_openapi_description() {
             .arg("run")
             .arg(&spec)
             .args(["-u", &url, "-n", "150", "--request-timeout", "10"])
+            .args(["-H", &format!("Authorization: Bearer {secret}")])
             .args(["-c", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance"])
             .output()
             .expect("schemathesis `st` (deploy/local/test installs it with pip)")
@@ -52,4 +58,8 @@ async fn live_ingest_conforms_to_its_openapi_description() {
         "{summary}"
     );
     println!("schemathesis: {}", summary.trim());
+    // It reached past validation on the conversions operation too.
+    let accepted = metric_value(&ingest.url("/metrics"), "ingest_conversions_accepted_total").await;
+    println!("schemathesis: {accepted} conversions accepted");
+    assert!(accepted > 0.0, "no generated conversion was accepted");
 }

@@ -1,0 +1,41 @@
+-- Per referral code: human clicks in the range (UTC hours, as the click panels), the
+-- leads and sales that occurred in the range attributed to the code's clicks, rates,
+-- revenue per currency (minor units), and the median time from click to conversion.
+WITH
+    clicks AS
+    (
+        SELECT code, sum(c) AS clicks FROM
+        (
+            SELECT code, sum(clicks) AS c FROM code_clicks_daily
+            WHERE day > toDate($__fromTime, 'UTC') AND day < toDate($__toTime, 'UTC') AND is_bot = 0
+            GROUP BY code
+            UNION ALL
+            SELECT code, countMerge(clicks) AS c FROM clicks_hourly
+            WHERE hour >= toStartOfHour($__fromTime, 'UTC') AND hour <= $__toTime
+              AND (toDate(hour) = toDate($__fromTime, 'UTC') OR toDate(hour) = toDate($__toTime, 'UTC')) AND is_bot = 0
+            GROUP BY code
+        )
+        GROUP BY code
+    ),
+    conv AS
+    (
+        SELECT code, countIf(type = 'lead') AS leads, countIf(type = 'sale') AS sales,
+               sumMapIf([currency], [amount], type = 'sale') AS revenue,
+               quantileExact(0.5)(seconds_to_convert) AS median_seconds
+        FROM conversions_attributed
+        WHERE occurred_at >= $__fromTime AND occurred_at <= $__toTime AND attribution != 'none'
+        GROUP BY code
+    )
+SELECT
+    code,
+    clicks.clicks AS clicks,
+    conv.leads AS leads,
+    conv.sales AS sales,
+    round(conv.leads / nullIf(clicks.clicks, 0), 4) AS lead_rate,
+    round(conv.sales / nullIf(clicks.clicks, 0), 4) AS sale_rate,
+    arrayStringConcat(arrayMap((c, a) -> concat(c, ' ', toString(a)), conv.revenue.1, conv.revenue.2), ', ') AS revenue,
+    conv.median_seconds AS median_seconds_to_convert
+FROM clicks
+FULL OUTER JOIN conv USING (code)
+ORDER BY sales DESC, leads DESC, clicks DESC, code
+LIMIT 100
