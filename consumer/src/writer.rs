@@ -50,6 +50,12 @@ struct RecordedRow {
     group_starts: Vec<(u16, u64)>,
 }
 
+/// Ids sent in one lookup query (as a literal list: the query text holds them).
+const IDS_PER_QUERY: usize = 5_000;
+/// Room for [`IDS_PER_QUERY`] ids of the longest kind (conversion keys, ~200 bytes) in the
+/// query text; the server's default is 256 KiB.
+const MAX_QUERY_SIZE: &str = "4194304";
+
 /// A row of `conversion_clicks`: a click some conversion names.
 #[derive(Debug, Row, Serialize)]
 struct LinkedClick {
@@ -97,21 +103,25 @@ impl Writer {
         topic: &str,
         ids: &[&str],
     ) -> clickhouse::error::Result<Vec<(String, u16, u64)>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
         let sql = format!(
             "SELECT {id}, kafka_partition, kafka_offset FROM {} WHERE {id} IN ? AND kafka_topic = ?",
             self.table,
             id = R::ID_COLUMN,
         );
-        self.client
-            .query(&sql)
-            .bind(ids)
-            .bind(topic)
-            .with_setting("max_execution_time", self.timeout_secs())
-            .fetch_all()
-            .await
+        let mut found = Vec::new();
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            found.extend(
+                self.client
+                    .query(&sql)
+                    .bind(chunk)
+                    .bind(topic)
+                    .with_setting("max_execution_time", self.timeout_secs())
+                    .with_setting("max_query_size", MAX_QUERY_SIZE)
+                    .fetch_all::<(String, u16, u64)>()
+                    .await?,
+            );
+        }
+        Ok(found)
     }
 
     /// Links stored clicks and conversions (attribution reads the links, see
@@ -125,13 +135,18 @@ impl Writer {
             return Ok(());
         }
         let ids: Vec<&str> = clicks.iter().map(|c| c.click_id.as_str()).collect();
-        let named: Vec<String> = self
-            .client
-            .query("SELECT DISTINCT click_id FROM conversions WHERE click_id IN ?")
-            .bind(&ids)
-            .with_setting("max_execution_time", self.timeout_secs())
-            .fetch_all()
-            .await?;
+        let mut named: Vec<String> = Vec::new();
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            named.extend(
+                self.client
+                    .query("SELECT DISTINCT click_id FROM conversions WHERE click_id IN ?")
+                    .bind(chunk)
+                    .with_setting("max_execution_time", self.timeout_secs())
+                    .with_setting("max_query_size", MAX_QUERY_SIZE)
+                    .fetch_all::<String>()
+                    .await?,
+            );
+        }
         if named.is_empty() {
             return Ok(());
         }
@@ -184,12 +199,16 @@ impl Writer {
              utm_campaign, received_at_ms FROM {} WHERE click_id IN ?",
             self.clicks_table
         );
-        self.client
-            .query(&sql)
-            .bind(&ids)
-            .with_setting("max_execution_time", self.timeout_secs())
-            .execute()
-            .await
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            self.client
+                .query(&sql)
+                .bind(chunk)
+                .with_setting("max_execution_time", self.timeout_secs())
+                .with_setting("max_query_size", MAX_QUERY_SIZE)
+                .execute()
+                .await?;
+        }
+        Ok(())
     }
 
     /// Records our proposals (one insert for all partitions), each with the group it is

@@ -1,0 +1,321 @@
+//! Conversions through the faults the clicks are held to (rows of the fault table): the
+//! consumer killed mid-batch, ClickHouse unreachable, the broker restarted under HTTP
+//! load. Every acknowledged conversion is stored once, repeats of an event included, and
+//! the revenue total is exact.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use e2e::*;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use shared::conversion::{ConversionEvent, ConversionType};
+
+/// Produces conversion events straight to the topic (what ingest publishes), remembering
+/// each event's amount; a repeat of an event id carries the same amount.
+struct Feeder {
+    producer: FutureProducer,
+    topic: String,
+    account: String,
+    /// event id → amount.
+    sent: BTreeMap<String, u64>,
+    messages: usize,
+}
+
+impl Feeder {
+    fn new(scope: &Scope) -> Self {
+        Self {
+            producer: ClientConfig::new()
+                .set("bootstrap.servers", &scope.brokers)
+                .set("acks", "all")
+                .set("enable.idempotence", "true")
+                .create()
+                .expect("producer"),
+            topic: scope.registry.conversions.clone(),
+            account: scope.account.clone(),
+            sent: BTreeMap::new(),
+            messages: 0,
+        }
+    }
+
+    fn event(&self, event_id: &str, amount: u64) -> ConversionEvent {
+        let now = shared::now_ms();
+        ConversionEvent {
+            v: 1,
+            kind: ConversionType::Sale,
+            event_id: event_id.to_owned(),
+            customer_hash: format!("{:064x}", rand::random::<u128>()),
+            key_id: "e2e1".into(),
+            click_id: String::new(),
+            amount,
+            currency: "EUR".into(),
+            occurred_at_ms: now,
+            received_at_ms: now,
+            account_id: self.account.clone(),
+            api_key_id: "key_0123456789abcdef".into(),
+        }
+    }
+
+    /// Produces `n` new sales and, when `repeat_every` > 0, a repeat of every
+    /// `repeat_every`-th event sent so far; returns once the broker acknowledged all.
+    async fn send(&mut self, n: usize, repeat_every: usize) {
+        let mut events: Vec<ConversionEvent> = (0..n)
+            .map(|_| {
+                let id = format!("inv_{:016x}", rand::random::<u64>());
+                let amount = rand::random::<u64>() % 100_000;
+                self.sent.insert(id.clone(), amount);
+                self.event(&id, amount)
+            })
+            .collect();
+        if repeat_every > 0 {
+            let repeats: Vec<ConversionEvent> = self
+                .sent
+                .iter()
+                .step_by(repeat_every)
+                .map(|(id, amount)| self.event(id, *amount))
+                .collect();
+            events.extend(repeats);
+        }
+        self.messages += events.len();
+        let sends = events.iter().map(|e| {
+            let (key, payload) = (e.dedup_id(), e.encode());
+            let (producer, topic) = (&self.producer, &self.topic);
+            async move {
+                producer
+                    .send(
+                        FutureRecord::to(topic).key(&key).payload(&payload),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .expect("acknowledged");
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+
+    fn revenue(&self) -> u64 {
+        self.sent.values().sum()
+    }
+}
+
+/// Waits until the conversions table holds every event, checks it holds nothing more and
+/// that the revenue is exact, and reports the row.
+async fn assert_exactly_reported(
+    scope: &Scope,
+    expected: &BTreeMap<String, u64>,
+    fault: &str,
+    load: &str,
+    sent: usize,
+) {
+    let table = format!("{}.conversions", scope.database);
+    let n = expected.len() as u64;
+    let counts =
+        format!("SELECT count(), uniqExact(conversion_key), sum(amount) FROM {table} FORMAT TSV");
+    let read = |text: String| -> (u64, u64, u64) {
+        let v: Vec<u64> = text
+            .split_whitespace()
+            .map(|c| c.parse().unwrap_or(0))
+            .collect();
+        (v[0], v[1], v[2])
+    };
+    eventually(
+        &format!("{n} conversions in {table}"),
+        Duration::from_secs(90),
+        || async {
+            let (rows, _, _) = read(
+                scope
+                    .ch
+                    .try_query(&counts)
+                    .await
+                    .unwrap_or_else(|_| "0 0 0".into()),
+            );
+            (rows >= n).then_some(())
+        },
+    )
+    .await;
+    // A duplicate insert would come late: give it a moment before the final count.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rows, unique, revenue) = read(scope.ch.query(&counts).await);
+    let stored: std::collections::HashSet<String> = scope
+        .ch
+        .query(&format!("SELECT event_id FROM {table} FORMAT TSV"))
+        .await
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let lost = expected.keys().filter(|id| !stored.contains(*id)).count() as u64;
+    let expected_revenue: u64 = expected.values().sum();
+    report(&FaultRow {
+        fault: &format!("{fault}; revenue {revenue} of {expected_revenue}"),
+        load,
+        sent,
+        accepted: expected.len(),
+        rows,
+        duplicates: rows - unique,
+        lost,
+    });
+    assert_eq!((rows, unique, lost), (n, n, 0), "{fault}");
+    assert_eq!(revenue, expected_revenue, "{fault}: revenue");
+}
+
+fn fast_batches(opts: &mut ConsumerOptions) {
+    opts.extra_env
+        .push(("CONSUMER_BATCH_MAX_ROWS".into(), "300".into()));
+    opts.extra_env
+        .push(("CONSUMER_BATCH_MAX_AGE_MS".into(), "200".into()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conversions_survive_consumer_sigkill_mid_batch() {
+    let scope = Scope::new("conv_sigkill", 2).await;
+    let mut opts = scope.consumer_options();
+    fast_batches(&mut opts);
+    let mut feeder = Feeder::new(&scope);
+    feeder.send(1000, 0).await;
+    let mut consumer = ConsumerProc::start(&opts);
+    for round in 0..4 {
+        // New sales and a repeat of every 7th sale so far (a site retrying).
+        feeder.send(800, 7).await;
+        tokio::time::sleep(Duration::from_millis(700 + 200 * round)).await;
+        consumer.proc.kill();
+        consumer = ConsumerProc::start(&opts);
+    }
+    consumer.ready().await;
+    let messages = feeder.messages;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "conversions: consumer SIGKILL mid-batch, 4 times, with repeated event ids",
+        "4,200 sales + repeats of every 7th",
+        messages,
+    )
+    .await;
+    assert!(feeder.revenue() > 0);
+    scope.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conversions_survive_a_clickhouse_outage() {
+    let scope = Scope::new("conv_ch_outage", 2).await;
+    let ch_addr: std::net::SocketAddr = clickhouse_url()
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    let proxy = CutProxy::start(ch_addr).await;
+    let mut opts = scope.consumer_options();
+    fast_batches(&mut opts);
+    opts.clickhouse_url = proxy.url();
+    opts.extra_env
+        .push(("CONSUMER_RETRY_MAX_BACKOFF_MS".into(), "1000".into()));
+    opts.extra_env
+        .push(("CONSUMER_INSERT_TIMEOUT_MS".into(), "3000".into()));
+    let consumer = ConsumerProc::start(&opts);
+    consumer.ready().await;
+    let mut feeder = Feeder::new(&scope);
+    feeder.send(500, 0).await;
+    eventually(
+        "first conversions stored",
+        Duration::from_secs(30),
+        || async {
+            let n = scope
+                .ch
+                .try_query(&format!(
+                    "SELECT count() FROM {}.conversions",
+                    scope.database
+                ))
+                .await
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            (n > 0).then_some(())
+        },
+    )
+    .await;
+    proxy.cut();
+    let outage = std::time::Instant::now();
+    while outage.elapsed() < Duration::from_secs(20 + soak_secs()) {
+        feeder.send(100, 5).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let errors = consumer.metric("consumer_insert_errors_total").await;
+    assert!(errors > 0.0, "inserts must have failed during the outage");
+    proxy.restore();
+    let messages = feeder.messages;
+    assert_exactly_reported(
+        &scope,
+        &feeder.sent,
+        "conversions: ClickHouse unreachable for 20 s, with repeated event ids",
+        "sales produced throughout the outage",
+        messages,
+    )
+    .await;
+    scope.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conversions_survive_a_broker_restart_under_http_load() {
+    let mut broker = PrivateBroker::start().await;
+    let scope = Scope::with_brokers("conv_broker_restart", 2, &broker.brokers()).await;
+    let (_, secret) = scope.create_key(&scope.account).await;
+    let mut opts = scope.consumer_options();
+    fast_batches(&mut opts);
+    let consumer = ConsumerProc::start(&opts);
+    let mut ingest_opts = scope.ingest_options();
+    ingest_opts.extra_env = vec![
+        ("INGEST_KEY_RATE_PER_MINUTE".into(), "1000000".into()),
+        ("INGEST_KEY_RATE_BURST".into(), "1000000".into()),
+    ];
+    let ingest = Ingest::start(&ingest_opts);
+    ingest.ready().await;
+    consumer.ready().await;
+
+    // A site's backend: posts sales one after another and retries a 503 with the same
+    // event id until it is accepted (what the contract asks of a client).
+    let load = tokio::spawn(async move {
+        let client = http();
+        let mut accepted = BTreeMap::new();
+        let (mut posts, mut refused) = (0usize, 0usize);
+        let deadline = std::time::Instant::now() + Duration::from_secs(8 + soak_secs());
+        while std::time::Instant::now() < deadline {
+            let id = format!("inv_{:016x}", rand::random::<u64>());
+            let amount = rand::random::<u64>() % 100_000;
+            let body = serde_json::json!({"type": "sale", "event_id": id, "customer_id": "c",
+                                          "amount": amount, "currency": "EUR"});
+            loop {
+                posts += 1;
+                let answer = post_conversion(&client, &ingest, &secret, &body).await;
+                match answer.status {
+                    200 => break,
+                    503 => {
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    s => panic!("unexpected status {s}: {}", answer.text),
+                }
+            }
+            accepted.insert(id, amount);
+        }
+        (accepted, posts, refused, ingest)
+    });
+    let restarts = 1 + soak_secs() / 5;
+    for _ in 0..restarts {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        broker.restart().await;
+    }
+    let (accepted, posts, refused, _ingest) = load.await.expect("load");
+    assert!(
+        accepted.len() > 50,
+        "{} accepted, {refused} refused",
+        accepted.len()
+    );
+    assert_exactly_reported(
+        &scope,
+        &accepted,
+        "conversions: broker restart during HTTP load (503s retried with the same event id)",
+        "8 s of sequential sales",
+        posts,
+    )
+    .await;
+    drop(consumer);
+    scope.drop_database().await;
+}
