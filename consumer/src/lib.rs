@@ -1,6 +1,7 @@
 //! `consumer`: a Kafka consumer-group member that writes referral clicks into ClickHouse
 //! in batches, exactly once (see [`pipeline`] for the invariants).
 
+pub mod attribution;
 pub mod config;
 pub mod kafka;
 pub mod keys;

@@ -617,6 +617,18 @@ async fn write_batch(client: &clickhouse::Client, batch: &Batch) -> clickhouse::
     insert_rows(client, "accounts", &batch.accounts).await?;
     insert_rows(client, "codes", &batch.codes).await?;
     insert_rows(client, "account_refusals", &batch.refusals).await?;
+    // An account's window may have changed: its conversions' attribution is computed anew.
+    let mut accounts: Vec<&str> = batch
+        .accounts
+        .iter()
+        .map(|a| a.account_id.as_str())
+        .collect();
+    accounts.sort_unstable();
+    accounts.dedup();
+    if !accounts.is_empty() {
+        crate::attribution::recompute(client, crate::attribution::Scope::Accounts(&accounts), "60")
+            .await?;
+    }
     for (kind, n) in [
         ("account", batch.accounts.len()),
         ("code", batch.codes.len()),

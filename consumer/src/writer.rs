@@ -8,6 +8,7 @@ use std::time::Duration;
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
+use crate::attribution::{self, Scope};
 use crate::config::Config;
 use crate::plan::{PlanGroup, PlanRange, RecordedPlan};
 use crate::row::{ClickRow, ConversionRow, Stored};
@@ -135,22 +136,24 @@ impl Writer {
             return Ok(());
         }
         let ids: Vec<&str> = clicks.iter().map(|c| c.click_id.as_str()).collect();
-        let mut named: Vec<String> = Vec::new();
+        // (click id, conversion key) of the conversions naming these clicks.
+        let mut naming: Vec<(String, String)> = Vec::new();
         for chunk in ids.chunks(IDS_PER_QUERY) {
-            named.extend(
+            naming.extend(
                 self.client
-                    .query("SELECT DISTINCT click_id FROM conversions WHERE click_id IN ?")
+                    .query("SELECT click_id, conversion_key FROM conversions WHERE click_id IN ?")
                     .bind(chunk)
                     .with_setting("max_execution_time", self.timeout_secs())
                     .with_setting("max_query_size", MAX_QUERY_SIZE)
-                    .fetch_all::<String>()
+                    .fetch_all::<(String, String)>()
                     .await?,
             );
         }
-        if named.is_empty() {
+        if naming.is_empty() {
             return Ok(());
         }
-        let named: std::collections::HashSet<&str> = named.iter().map(String::as_str).collect();
+        let named: std::collections::HashSet<&str> =
+            naming.iter().map(|(click, _)| click.as_str()).collect();
         let mut insert = self
             .client
             .insert::<LinkedClick>("conversion_clicks")
@@ -174,14 +177,27 @@ impl Writer {
                 })
                 .await?;
         }
-        insert.end().await
+        insert.end().await?;
+        let keys: Vec<&str> = naming.iter().map(|(_, key)| key.as_str()).collect();
+        attribution::recompute(
+            &self.client,
+            Scope::Conversions(&keys),
+            &self.timeout_secs(),
+        )
+        .await
     }
 
-    /// [`Self::link_clicks`] from the conversions' side: copies the clicks they name.
+    /// [`Self::link_clicks`] from the conversions' side: copies the clicks they name. Then,
+    /// on both sides, the attribution of the customers concerned is computed anew
+    /// ([`crate::attribution`]).
     pub async fn link_conversions(
         &self,
         conversions: &[&ConversionRow],
     ) -> clickhouse::error::Result<()> {
+        let keys: Vec<&str> = conversions
+            .iter()
+            .map(|c| c.conversion_key.as_str())
+            .collect();
         let mut ids: Vec<&str> = conversions
             .iter()
             .map(|c| c.click_id.as_str())
@@ -189,9 +205,6 @@ impl Writer {
             .collect();
         ids.sort_unstable();
         ids.dedup();
-        if ids.is_empty() {
-            return Ok(());
-        }
         let sql = format!(
             "INSERT INTO conversion_clicks (click_id, account_id, code, landing_path, \
              utm_source, utm_medium, utm_campaign, clicked_at_ms) \
@@ -208,7 +221,13 @@ impl Writer {
                 .execute()
                 .await?;
         }
-        Ok(())
+        // Stored and linked: the attribution of their customers is computed anew.
+        attribution::recompute(
+            &self.client,
+            Scope::Conversions(&keys),
+            &self.timeout_secs(),
+        )
+        .await
     }
 
     /// Records our proposals (one insert for all partitions), each with the group it is

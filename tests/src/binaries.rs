@@ -105,6 +105,33 @@ pub struct ConsumerOptions {
     pub extra_env: Vec<(String, String)>,
 }
 
+impl ConsumerOptions {
+    /// Small, frequent batches (300 rows or 200 ms): many plans, so faults land mid-batch.
+    pub fn fast_batches(&mut self) {
+        self.extra_env
+            .push(("CONSUMER_BATCH_MAX_ROWS".into(), "300".into()));
+        self.extra_env
+            .push(("CONSUMER_BATCH_MAX_AGE_MS".into(), "200".into()));
+    }
+
+    /// Points the consumer at ClickHouse through a proxy the test can cut, with short
+    /// insert timeouts and retries; returns the proxy.
+    pub async fn behind_cut_proxy(&mut self) -> CutProxy {
+        let ch_addr: std::net::SocketAddr = self
+            .clickhouse_url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("addr");
+        let proxy = CutProxy::start(ch_addr).await;
+        self.clickhouse_url = proxy.url();
+        self.extra_env
+            .push(("CONSUMER_RETRY_MAX_BACKOFF_MS".into(), "1000".into()));
+        self.extra_env
+            .push(("CONSUMER_INSERT_TIMEOUT_MS".into(), "3000".into()));
+        proxy
+    }
+}
+
 pub struct ConsumerProc {
     pub proc: Proc,
     pub addr: SocketAddr,

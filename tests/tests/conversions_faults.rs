@@ -158,18 +158,11 @@ async fn assert_exactly_reported(
     assert_eq!(revenue, expected_revenue, "{fault}: revenue");
 }
 
-fn fast_batches(opts: &mut ConsumerOptions) {
-    opts.extra_env
-        .push(("CONSUMER_BATCH_MAX_ROWS".into(), "300".into()));
-    opts.extra_env
-        .push(("CONSUMER_BATCH_MAX_AGE_MS".into(), "200".into()));
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn conversions_survive_consumer_sigkill_mid_batch() {
     let scope = Scope::new("conv_sigkill", 2).await;
     let mut opts = scope.consumer_options();
-    fast_batches(&mut opts);
+    opts.fast_batches();
     let mut feeder = Feeder::new(&scope);
     feeder.send(1000, 0).await;
     let mut consumer = ConsumerProc::start(&opts);
@@ -197,18 +190,9 @@ async fn conversions_survive_consumer_sigkill_mid_batch() {
 #[tokio::test(flavor = "multi_thread")]
 async fn conversions_survive_a_clickhouse_outage() {
     let scope = Scope::new("conv_ch_outage", 2).await;
-    let ch_addr: std::net::SocketAddr = clickhouse_url()
-        .trim_start_matches("http://")
-        .parse()
-        .expect("addr");
-    let proxy = CutProxy::start(ch_addr).await;
     let mut opts = scope.consumer_options();
-    fast_batches(&mut opts);
-    opts.clickhouse_url = proxy.url();
-    opts.extra_env
-        .push(("CONSUMER_RETRY_MAX_BACKOFF_MS".into(), "1000".into()));
-    opts.extra_env
-        .push(("CONSUMER_INSERT_TIMEOUT_MS".into(), "3000".into()));
+    opts.fast_batches();
+    let proxy = opts.behind_cut_proxy().await;
     let consumer = ConsumerProc::start(&opts);
     consumer.ready().await;
     let mut feeder = Feeder::new(&scope);
@@ -258,7 +242,7 @@ async fn conversions_survive_a_broker_restart_under_http_load() {
     let scope = Scope::with_brokers("conv_broker_restart", 2, &broker.brokers()).await;
     let (_, secret) = scope.create_key(&scope.account).await;
     let mut opts = scope.consumer_options();
-    fast_batches(&mut opts);
+    opts.fast_batches();
     let consumer = ConsumerProc::start(&opts);
     let mut ingest_opts = scope.ingest_options();
     ingest_opts.extra_env = vec![

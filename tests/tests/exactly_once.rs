@@ -130,18 +130,11 @@ async fn assert_exactly(scope: &Scope, expected: &[String]) {
     assert_eq!(missing, 0);
 }
 
-fn fast_batches(opts: &mut ConsumerOptions) {
-    opts.extra_env
-        .push(("CONSUMER_BATCH_MAX_ROWS".into(), "300".into()));
-    opts.extra_env
-        .push(("CONSUMER_BATCH_MAX_AGE_MS".into(), "200".into()));
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_batch_repeatedly_loses_and_duplicates_nothing() {
     let scope = Scope::new("eo_sigkill", 4).await;
     let mut opts = scope.consumer_options();
-    fast_batches(&mut opts);
+    opts.fast_batches();
     let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
     feeder.send(3000).await;
     let mut consumer = ConsumerProc::start(&opts);
@@ -243,7 +236,7 @@ async fn rows_stored_but_not_committed_are_not_written_again() {
 async fn two_consumers_share_partitions_through_join_and_leave() {
     let scope = Scope::new("eo_group", 4).await;
     let mut opts = scope.consumer_options();
-    fast_batches(&mut opts);
+    opts.fast_batches();
     let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
     let a = ConsumerProc::start(&opts);
     a.ready().await;
@@ -284,18 +277,9 @@ async fn two_consumers_share_partitions_through_join_and_leave() {
 #[tokio::test(flavor = "multi_thread")]
 async fn clickhouse_outage_keeps_data_and_resumes() {
     let scope = Scope::new("eo_ch_outage", 2).await;
-    let ch_addr: std::net::SocketAddr = clickhouse_url()
-        .trim_start_matches("http://")
-        .parse()
-        .expect("addr");
-    let proxy = CutProxy::start(ch_addr).await;
     let mut opts = scope.consumer_options();
-    fast_batches(&mut opts);
-    opts.clickhouse_url = proxy.url();
-    opts.extra_env
-        .push(("CONSUMER_RETRY_MAX_BACKOFF_MS".into(), "1000".into()));
-    opts.extra_env
-        .push(("CONSUMER_INSERT_TIMEOUT_MS".into(), "3000".into()));
+    opts.fast_batches();
+    let proxy = opts.behind_cut_proxy().await;
     let consumer = ConsumerProc::start(&opts);
     consumer.ready().await;
     let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
@@ -523,7 +507,7 @@ async fn broker_restart_under_load_loses_nothing() {
     let mut broker = PrivateBroker::start().await;
     let scope = Scope::with_brokers("eo_broker_restart", 2, &broker.brokers()).await;
     let mut opts = scope.consumer_options();
-    fast_batches(&mut opts);
+    opts.fast_batches();
     let consumer = ConsumerProc::start(&opts);
     let ingest = Ingest::start(&IngestOptions {
         extra_env: vec![

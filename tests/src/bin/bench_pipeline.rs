@@ -8,7 +8,8 @@
 //! latency correction); ingest peak RSS and CPU-seconds per million clicks; consumer rows/s
 //! from a pre-filled topic vs raw consume and raw RowBinary insert ceilings and vs
 //! ClickHouse's own Kafka engine (same topic, same table and views, same run); end-to-end
-//! freshness under moderate load.
+//! freshness under moderate load; conversions/s through ingest alone and beside a click
+//! stream, with their share of ingest's CPU.
 //! Throughput runs use tansu on memory storage (our binaries are measured, not tansu's
 //! sqlite); the durable-storage ingest figure is printed too.
 
@@ -140,8 +141,18 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// wrk max throughput: (requests/s, requests, non-2xx).
 fn wrk(url: &str, script: &Path, secs: u32) -> (f64, f64, f64) {
+    wrk_on(url, script, secs, 2, 256)
+}
+
+/// [`wrk`] with `threads` threads and `connections` connections.
+fn wrk_on(url: &str, script: &Path, secs: u32, threads: u32, connections: u32) -> (f64, f64, f64) {
     let out = Command::new("wrk")
-        .args(["-t2", "-c256", &format!("-d{secs}s"), "-s"])
+        .args([
+            &format!("-t{threads}"),
+            &format!("-c{connections}"),
+            &format!("-d{secs}s"),
+            "-s",
+        ])
         .arg(script)
         .arg(url)
         .output()
@@ -1132,6 +1143,113 @@ async fn bench_freshness() {
     scope.drop_database().await;
 }
 
+/// The wrk script of the conversions benchmark: leads and sales (one in three) with fresh
+/// event ids, a customer id of 5,000, a click id each, under one key.
+fn write_conversion_mix(dir: &Path, secret: &str) -> PathBuf {
+    let lua = format!(
+        r#"local headers = {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer {secret}"}}
+local n = 0
+local me = 0
+function setup(thread) me = me + 1; thread:set("me", me) end
+function init(args) math.randomseed(os.time() + (me or 0)) end
+function request()
+  n = n + 1
+  local id = string.format("%d_%d_%d", me or 0, n, math.random(1000000000))
+  local body
+  if n % 3 == 0 then
+    body = string.format('{{"type":"sale","event_id":"inv_%s","customer_id":"cust_%d@example.com","click_id":"refclk_b%s","amount":%d,"currency":"EUR"}}', id, n % 5000, id, n % 100000)
+  else
+    body = string.format('{{"type":"lead","event_id":"su_%s","customer_id":"cust_%d@example.com","click_id":"refclk_b%s"}}', id, n % 5000, id)
+  end
+  return wrk.format("POST", "/api/v1/referrals/conversions", headers, body)
+end
+"#
+    );
+    let path = dir.join("conversions.lua");
+    std::fs::write(&path, lua).expect("write the conversions script");
+    path
+}
+
+/// Conversions per second through ingest, alone and beside a click stream at full load,
+/// and the share of ingest's CPU they take (from each kind's CPU per request measured
+/// alone in the same run).
+async fn bench_conversions(dir: &Path, click_script: &Path) {
+    println!("\n## conversions (tansu on memory storage; ingest with plan limits off; clicks: the ingest mix, wrk -t2 -c256; conversions: wrk -t1 -c32, one key, a lead or sale with a fresh event id each)\n");
+    let (_broker, brokers) = private_broker(true).await;
+    create_topic(&brokers, "referral_clicks", 8).await;
+    let registry = RegistryTopics::for_topic("referral_clicks");
+    bench_registry(&brokers, &registry).await;
+    let key = shared::keys::new_key("acct_00000", "bench").expect("key");
+    produce_raw(
+        &brokers,
+        &registry.keys,
+        &[(Some(key.id.as_str()), &key.record.encode())],
+    )
+    .await;
+    let catalogue = bench_catalogue();
+    let mut opts = IngestOptions::new(&brokers, "referral_clicks");
+    opts.registry = registry.clone();
+    opts.extra_env = unlimited();
+    opts.extra_env.extend([
+        ("INGEST_PLANS_FILE".into(), catalogue.display().to_string()),
+        ("INGEST_PLAN_LIMITS".into(), "off".into()),
+        ("INGEST_KEY_RATE_PER_MINUTE".into(), "1000000000".into()),
+        ("INGEST_KEY_RATE_BURST".into(), "1000000000".into()),
+    ]);
+    let ingest = Ingest::start(&opts);
+    ingest.ready().await;
+    let pid = ingest.proc.child.id();
+    let conversion_script = write_conversion_mix(dir, &key.secret);
+    let click_url = ingest.url("/api/v1/referrals/click");
+    let conversion_url = ingest.url("/api/v1/referrals/conversions");
+    wrk(&click_url, click_script, 3);
+    wrk_on(&conversion_url, &conversion_script, 3, 1, 32);
+    let secs = 10;
+    println!("| run | clicks/s | conversions/s | non-2xx conversions | ingest CPU (cores) |\n|---|---|---|---|---|");
+    let (mut click_cost, mut conversion_cost) = (Vec::new(), Vec::new());
+    let mut shares = Vec::new();
+    for round in 1..=rounds().min(3) {
+        let cpu0 = cpu_secs(pid);
+        let (clicks, n_clicks, _) = wrk(&click_url, click_script, secs);
+        let cpu1 = cpu_secs(pid);
+        let (conversions, n_conv, bad) = wrk_on(&conversion_url, &conversion_script, secs, 1, 32);
+        let cpu2 = cpu_secs(pid);
+        click_cost.push((cpu1 - cpu0) / n_clicks.max(1.0));
+        conversion_cost.push((cpu2 - cpu1) / n_conv.max(1.0));
+        println!(
+            "| {round}: clicks alone | {clicks:.0} | – | – | {:.2} |",
+            (cpu1 - cpu0) / f64::from(secs)
+        );
+        println!(
+            "| {round}: conversions alone | – | {conversions:.0} | {bad:.0} | {:.2} |",
+            (cpu2 - cpu1) / f64::from(secs)
+        );
+        let side = {
+            let (url, script) = (conversion_url.clone(), conversion_script.clone());
+            std::thread::spawn(move || wrk_on(&url, &script, secs, 1, 32))
+        };
+        let cpu3 = cpu_secs(pid);
+        let (clicks_b, n_clicks_b, _) = wrk(&click_url, click_script, secs);
+        let (conversions_b, n_conv_b, bad_b) = side.join().expect("wrk thread");
+        let cpu4 = cpu_secs(pid);
+        let cost = |c: &Vec<f64>| c[c.len() - 1];
+        let conv_cpu = n_conv_b * cost(&conversion_cost);
+        let share = conv_cpu / (conv_cpu + n_clicks_b * cost(&click_cost)).max(1e-9);
+        shares.push(share);
+        println!(
+            "| {round}: both at once | {clicks_b:.0} | {conversions_b:.0} | {bad_b:.0} | {:.2} (conversions ≈ {:.0} %) |",
+            (cpu4 - cpu3) / f64::from(secs),
+            share * 100.0
+        );
+    }
+    println!(
+        "\nCPU per request, median: click {:.1} µs, conversion {:.1} µs; conversions' share of ingest CPU with both running, median: {:.0} %",
+        median(&mut click_cost) * 1e6,
+        median(&mut conversion_cost) * 1e6,
+        median(&mut shares) * 100.0
+    );
+}
+
 #[tokio::main]
 async fn main() {
     release_env();
@@ -1154,6 +1272,9 @@ async fn main() {
     }
     if matches!(which, "all" | "ingest") {
         bench_ingest(&dir, &script).await;
+    }
+    if matches!(which, "all" | "conversions") {
+        bench_conversions(&dir, &script).await;
     }
     if matches!(which, "all" | "consumer") {
         bench_consumer(rows).await;

@@ -165,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
         &shared::plans::Catalogue::load_or_builtin(None).map_err(anyhow::Error::msg)?,
     )
     .await?;
-    load_conversions(&ch, &db_url(&url)).await;
+    load_conversions(&ch, &db_url(&url), &config).await;
     let disk = ch
         .query(&format!("SELECT table, formatReadableSize(sum(bytes)) FROM system.parts WHERE active AND database = '{DATABASE}' GROUP BY table ORDER BY table FORMAT TSV"))
         .await;
@@ -254,7 +254,7 @@ async fn median(db: &e2e::ClickHouse, sql: &str) -> Duration {
 
 /// About 1 M conversions over the loaded clicks (see the module doc), `conversion_clicks`
 /// filled as the consumer fills it, and the consumer's per-plan lookups timed.
-async fn load_conversions(ch: &e2e::ClickHouse, db_url: &str) {
+async fn load_conversions(ch: &e2e::ClickHouse, db_url: &str, config: &consumer::config::Config) {
     let db = e2e::ClickHouse::new(db_url);
     if db
         .scalar("SELECT count() FROM conversions FORMAT TSV")
@@ -294,6 +294,51 @@ async fn load_conversions(ch: &e2e::ClickHouse, db_url: &str) {
             "conversions: written in {:.1} s; conversion_clicks linked in one statement in {:.1} s",
             (loaded - started).as_secs_f64(),
             loaded.elapsed().as_secs_f64()
+        );
+    }
+    // Attribution as the consumer computes it: all at once here (a backfill), then the
+    // incremental computation a conversions plan triggers, for 100 and 5,000 conversions.
+    let client = consumer::writer::base_client(config).with_database(DATABASE);
+    if db
+        .scalar("SELECT count() FROM conversion_attribution FORMAT TSV")
+        .await
+        == 0
+    {
+        let started = Instant::now();
+        consumer::attribution::recompute(&client, consumer::attribution::Scope::All, "3600")
+            .await
+            .expect("attribution backfill");
+        println!(
+            "attribution of every conversion computed in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    for n in [100usize, 5_000] {
+        let keys: Vec<String> = db
+            .query(&format!(
+                "SELECT conversion_key FROM conversions ORDER BY cityHash64(conversion_key, 3) LIMIT {n} FORMAT TSV"
+            ))
+            .await
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            consumer::attribution::recompute(
+                &client,
+                consumer::attribution::Scope::Conversions(&keys),
+                "600",
+            )
+            .await
+            .expect("attribution");
+            times.push(started.elapsed());
+        }
+        times.sort();
+        println!(
+            "attribution computed anew for the customers of {n} conversions (what a plan of {n} triggers): median of 5 {:.0} ms",
+            times[2].as_secs_f64() * 1e3
         );
     }
     let counts = db
