@@ -813,26 +813,7 @@ impl Flusher {
         if found.is_empty() {
             return Ok(());
         }
-        let mut earlier: HashMap<i32, Vec<(String, u64)>> = HashMap::new();
-        for state in partitions.values() {
-            let Some((_, rows, _)) = state.agreed() else {
-                continue;
-            };
-            for row in rows {
-                let elsewhere = found.iter().any(|(id, p, o)| {
-                    id == row.id() && (i32::from(*p) != state.partition || *o != row.kafka_offset())
-                });
-                let here = found.iter().any(|(id, p, o)| {
-                    id == row.id() && i32::from(*p) == state.partition && *o == row.kafka_offset()
-                });
-                if elsewhere && !here {
-                    earlier
-                        .entry(state.partition)
-                        .or_default()
-                        .push((row.id().to_owned(), row.received_at_ms()));
-                }
-            }
-        }
+        let earlier = stored_elsewhere(partitions, &found);
         for (partition, ids) in earlier {
             if let Some(state) = partitions.get_mut(&partition) {
                 for (id, at) in ids {
@@ -941,6 +922,45 @@ impl Flusher {
             tracing::warn!(error = %e, "offset commit failed; rows are stored and will be skipped if read again");
         }
     }
+}
+
+/// The rows of the agreed plans whose id `found` (id, partition, offset) holds at another
+/// position and not at their own: repeats of something stored earlier. By partition:
+/// (id, ingest time). A row found only at its own position is the plan's own, stored by an
+/// earlier attempt.
+fn stored_elsewhere<R: Stored>(
+    partitions: &Partitions<R>,
+    found: &[(String, u16, u64)],
+) -> HashMap<i32, Vec<(String, u64)>> {
+    // Where each found id is stored: (partition, offset) of each copy.
+    let mut stored: HashMap<&str, Vec<(i32, u64)>> = HashMap::new();
+    for (id, p, o) in found {
+        stored
+            .entry(id.as_str())
+            .or_default()
+            .push((i32::from(*p), *o));
+    }
+    let mut earlier: HashMap<i32, Vec<(String, u64)>> = HashMap::new();
+    for state in partitions.values() {
+        let Some((_, rows, _)) = state.agreed() else {
+            continue;
+        };
+        for row in rows {
+            let Some(copies) = stored.get(row.id()) else {
+                continue;
+            };
+            let position = (state.partition, row.kafka_offset());
+            let here = copies.contains(&position);
+            let elsewhere = copies.iter().any(|c| *c != position);
+            if elsewhere && !here {
+                earlier
+                    .entry(state.partition)
+                    .or_default()
+                    .push((row.id().to_owned(), row.received_at_ms()));
+            }
+        }
+    }
+    earlier
 }
 
 struct InsertOutcome {
@@ -1155,6 +1175,33 @@ mod tests {
         };
         assert_eq!(s.agree(&[ours], "me", 0), Agreement::Agreed);
         s
+    }
+
+    #[test]
+    fn only_ids_stored_at_another_position_are_repeats() {
+        let partitions: Partitions<ClickRow> = (0..2).map(|p| (p, agreed_state(p, 3))).collect();
+        let found = vec![
+            // Stored earlier at another offset of the same partition: a repeat.
+            ("refclk_0_1".to_owned(), 0, 99),
+            // This plan's own row, stored by an earlier attempt: not a repeat.
+            ("refclk_0_2".to_owned(), 0, 2),
+            // Stored in another partition (the topic had other partitions then): a repeat.
+            ("refclk_1_0".to_owned(), 5, 0),
+            // Both its own copy and another: its own stands, it is sent again (a no-op).
+            ("refclk_1_2".to_owned(), 1, 2),
+            ("refclk_1_2".to_owned(), 1, 7),
+            // Not in any plan.
+            ("refclk_9_9".to_owned(), 0, 1),
+        ];
+        let mut got: Vec<(i32, String)> = stored_elsewhere(&partitions, &found)
+            .into_iter()
+            .flat_map(|(p, ids)| ids.into_iter().map(move |(id, _)| (p, id)))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [(0, "refclk_0_1".to_owned()), (1, "refclk_1_0".to_owned())]
+        );
     }
 
     #[test]

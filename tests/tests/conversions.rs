@@ -675,13 +675,17 @@ async fn the_conversions_dashboard_answers_the_known_data_set() {
             "0.5",
             "0.5",
             "EUR 5300, USD 1000",
+            "EUR 1325, USD 250",
+            "<any>",
             "0.3333",
         ]]),
     );
     expected.insert(
         "conversions_by_code",
         rows(&[
-            &[DOCS_CODE, "2", "1", "1", "0.5", "0.5", "EUR 5000", "<any>"],
+            &[
+                DOCS_CODE, "2", "1", "1", "0.5", "0.5", "EUR 5000", "EUR 2500", "<any>",
+            ],
             &[
                 second_code,
                 "2",
@@ -690,6 +694,7 @@ async fn the_conversions_dashboard_answers_the_known_data_set() {
                 "0.5",
                 "0.5",
                 "USD 1000",
+                "USD 500",
                 "<any>",
             ],
         ]),
@@ -698,18 +703,23 @@ async fn the_conversions_dashboard_answers_the_known_data_set() {
         "conversions_by_utm",
         rows(&[
             &[
-                "ads", "cpc", "launch", "2", "1", "1", "0.5", "0.5", "USD 1000",
+                "ads", "cpc", "launch", "2", "1", "1", "0.5", "0.5", "USD 1000", "USD 500", "<any>",
             ],
             &[
-                "news", "email", "spring", "2", "1", "1", "0.5", "0.5", "EUR 5000",
+                "news", "email", "spring", "2", "1", "1", "0.5", "0.5", "EUR 5000", "EUR 2500",
+                "<any>",
             ],
         ]),
     );
     expected.insert(
         "conversions_by_landing_path",
         rows(&[
-            &["/blog", "2", "1", "1", "0.5", "0.5", "USD 1000"],
-            &["/pricing", "2", "1", "1", "0.5", "0.5", "EUR 5000"],
+            &[
+                "/blog", "2", "1", "1", "0.5", "0.5", "USD 1000", "USD 500", "<any>",
+            ],
+            &[
+                "/pricing", "2", "1", "1", "0.5", "0.5", "EUR 5000", "EUR 2500", "<any>",
+            ],
         ]),
     );
     let now = shared::now_ms() / 1000;

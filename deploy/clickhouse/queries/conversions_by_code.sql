@@ -1,6 +1,7 @@
 -- Per referral code: human clicks in the range (UTC hours, as the click panels), the
 -- leads and sales that occurred in the range attributed to the code's clicks, rates,
--- revenue per currency (minor units), and the median time from click to conversion.
+-- revenue per currency (minor units) and per click, and the median time from click to
+-- conversion.
 WITH
     clicks AS
     (
@@ -34,6 +35,7 @@ SELECT
     round(conv.leads / nullIf(clicks.clicks, 0), 4) AS lead_rate,
     round(conv.sales / nullIf(clicks.clicks, 0), 4) AS sale_rate,
     arrayStringConcat(arrayMap((c, a) -> concat(c, ' ', toString(a)), conv.revenue.1, conv.revenue.2), ', ') AS revenue,
+    arrayStringConcat(arrayMap((c, a) -> concat(c, ' ', if(clicks.clicks = 0, '-', toString(round(a / clicks.clicks, 2)))), conv.revenue.1, conv.revenue.2), ', ') AS revenue_per_click,
     conv.median_seconds AS median_seconds_to_convert
 FROM clicks
 FULL OUTER JOIN conv USING (code)
