@@ -141,7 +141,7 @@ impl ConsumerContext for Context {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts = self.partitions(tpl);
             self.gate.wait_idle();
-            tracing::info!(partitions = ?parts, "partitions revoked");
+            tracing::info!(topic = %self.topic, partitions = ?parts, "partitions revoked");
             self.record(Rebalanced::Revoked(parts));
         }
     }
@@ -149,7 +149,7 @@ impl ConsumerContext for Context {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts = self.partitions(tpl);
-            tracing::info!(partitions = ?parts, "partitions assigned");
+            tracing::info!(topic = %self.topic, partitions = ?parts, "partitions assigned");
             self.record(Rebalanced::Assigned(parts));
         }
     }

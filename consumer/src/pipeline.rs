@@ -397,7 +397,7 @@ impl<R: Stored> Pipeline<R> {
         if limit.is_zero() || self.idle_since.is_none_or(|t| t.elapsed() < limit) {
             return;
         }
-        tracing::warn!(idle = ?limit, "no partitions assigned for a while: re-joining the group");
+        tracing::warn!(topic = %self.config.kafka_topic, idle = ?limit, "no partitions assigned for a while: re-joining the group");
         self.consumer.unsubscribe();
         if let Err(e) = self.consumer.subscribe(&[&self.config.kafka_topic]) {
             tracing::warn!(error = %e, "re-subscribe failed");
@@ -510,7 +510,7 @@ impl<R: Stored> Pipeline<R> {
             Err(e) => {
                 metrics::counter!(m::INSERT_ERRORS_TOTAL).increment(1);
                 metrics::gauge!(m::CLICKHOUSE_UP).set(0.0);
-                tracing::warn!(error = %e, rows = self.buffered_rows(), retry_in = ?self.backoff, "flush failed; keeping the plans in hand");
+                tracing::warn!(topic = %self.config.kafka_topic, error = %e, rows = self.buffered_rows(), retry_in = ?self.backoff, "flush failed; keeping the plans in hand");
                 self.retry_at = Some(Instant::now() + self.backoff);
                 let max = self.config.retry_max_backoff;
                 self.backoff = (self.backoff * 2).min(max);

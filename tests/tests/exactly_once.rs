@@ -800,6 +800,11 @@ async fn a_stalled_member_that_wakes_up_writes_nothing_twice() {
     let mut opts = scope.consumer_options();
     opts.extra_env
         .push(("CONSUMER_BATCH_MAX_AGE_MS".into(), "4000".into()));
+    // When the takeover splits a plan group the second member recorded, the part's new
+    // owner waits this long before it checks the table and writes the rest ("Plan groups"
+    // in consumer/src/pipeline.rs): 600 s by default, longer than the test waits.
+    opts.extra_env
+        .push(("CONSUMER_DEDUP_TRUST_SECS".into(), "20".into()));
     let mut feeder = Feeder::new(&scope.brokers, &scope.topic);
     feeder.send(300).await;
     let first = ConsumerProc::start(&opts);
