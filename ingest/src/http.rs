@@ -265,12 +265,7 @@ impl<S: ClickSink> App<S> {
             if let (Some(limits), Some(ticket)) = (&self.plan_limits, ticket) {
                 limits.refund(ticket);
             }
-            metrics::counter!(m::PRODUCE_ERRORS_TOTAL, "cause" => e.cause()).increment(1);
-            tracing::warn!(error = %e, "click not published");
-            return Err(ApiError::Unavailable(match e {
-                PublishError::QueueFull => Duration::from_secs(1),
-                _ => Duration::from_secs(5),
-            }));
+            return Err(not_published(&e, "click"));
         }
         self.http_metrics.accepted();
 
@@ -385,6 +380,17 @@ impl<S: ClickSink> App<S> {
         );
         response
     }
+}
+
+/// The answer to an event the broker did not take (counted and logged): a 503 whose
+/// `Retry-After` is short when only the producer queue was full.
+fn not_published(e: &PublishError, what: &'static str) -> ApiError {
+    metrics::counter!(m::PRODUCE_ERRORS_TOTAL, "cause" => e.cause()).increment(1);
+    tracing::warn!(error = %e, what, "not published");
+    ApiError::Unavailable(match e {
+        PublishError::QueueFull => Duration::from_secs(1),
+        _ => Duration::from_secs(5),
+    })
 }
 
 /// The address as text (what is hashed: `IpAddr`'s `Display`), written into `buf`.

@@ -17,7 +17,7 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::click::{json_object, string_field, ClickId, FieldError, Loose};
-use crate::event::{decode_digest, encode_digest, DecodeError};
+use crate::event::{decode_digest, decode_major, encode_digest, DecodeError};
 use crate::hashing::{is_valid_key_id, Digest};
 
 pub const CONVERSION_EVENT_VERSION: u16 = 1;
@@ -420,27 +420,7 @@ impl ConversionEvent {
 
     /// Parses and re-validates an event; also gives the customer hash as bytes.
     pub fn decode(payload: &[u8]) -> Result<(Self, Digest), DecodeError> {
-        #[derive(Deserialize)]
-        struct Major {
-            v: u16,
-        }
-        let event: Self = match serde_json::from_slice::<Self>(payload) {
-            Ok(event) if event.v == CONVERSION_EVENT_VERSION => event,
-            Ok(event) => return Err(DecodeError::Version(event.v)),
-            Err(e) => {
-                return Err(match serde_json::from_slice::<Major>(payload) {
-                    Ok(major) if major.v != CONVERSION_EVENT_VERSION => {
-                        DecodeError::Version(major.v)
-                    }
-                    _ => DecodeError::Malformed(format!(
-                        "line {} column {}: {:?}",
-                        e.line(),
-                        e.column(),
-                        e.classify()
-                    )),
-                })
-            }
-        };
+        let event: Self = decode_major(payload, CONVERSION_EVENT_VERSION, |e: &Self| e.v)?;
         let invalid =
             |field: &'static str| move |reason: String| DecodeError::Invalid { field, reason };
         let same = |field: &'static str, ok: bool| {
@@ -648,34 +628,14 @@ mod tests {
             f(&mut e);
             ConversionEvent::decode(&e.encode()).expect_err("refused")
         };
-        assert!(matches!(
-            bad(&|e| e.amount = MAX_AMOUNT + 1),
-            DecodeError::Invalid {
-                field: "amount",
-                ..
-            }
-        ));
-        assert!(matches!(
-            bad(&|e| e.currency = "usd".into()),
-            DecodeError::Invalid {
-                field: "currency",
-                ..
-            }
-        ));
-        assert!(matches!(
-            bad(&|e| e.event_id = " x".into()),
-            DecodeError::Invalid {
-                field: "event_id",
-                ..
-            }
-        ));
-        assert!(matches!(
-            bad(&|e| e.api_key_id = "k".into()),
-            DecodeError::Invalid {
-                field: "api_key_id",
-                ..
-            }
-        ));
+        let field = |e: DecodeError| match e {
+            DecodeError::Invalid { field, .. } => field,
+            other => panic!("not a field error: {other:?}"),
+        };
+        assert_eq!(field(bad(&|e| e.amount = MAX_AMOUNT + 1)), "amount");
+        assert_eq!(field(bad(&|e| e.currency = "usd".into())), "currency");
+        assert_eq!(field(bad(&|e| e.event_id = " x".into())), "event_id");
+        assert_eq!(field(bad(&|e| e.api_key_id = "k".into())), "api_key_id");
         assert!(matches!(bad(&|e| e.v = 2), DecodeError::Version(2)));
         assert!(matches!(
             ConversionEvent::decode(b"{"),

@@ -143,32 +143,7 @@ impl ClickEvent {
     /// [`Self::decode`], also giving the IP and User-Agent digests it decoded while
     /// checking them (the consumer's row holds them as bytes).
     pub fn decode_with_digests(payload: &[u8]) -> Result<(Self, Digest, Digest), DecodeError> {
-        // Report the position only: the payload may be anything.
-        let malformed = |e: serde_json::Error| {
-            DecodeError::Malformed(format!(
-                "line {} column {}: {:?}",
-                e.line(),
-                e.column(),
-                e.classify()
-            ))
-        };
-        // One parse in the common case. Another major may have another shape altogether, so
-        // the version decides first whenever it is not ours, and when the event does not
-        // parse as ours (then the version alone is read, to say which it is).
-        #[derive(Deserialize)]
-        struct Major {
-            v: u16,
-        }
-        let event: Self = match serde_json::from_slice::<Self>(payload) {
-            Ok(event) if event.v == EVENT_VERSION => event,
-            Ok(event) => return Err(DecodeError::Version(event.v)),
-            Err(e) => {
-                return Err(match serde_json::from_slice::<Major>(payload) {
-                    Ok(major) if major.v != EVENT_VERSION => DecodeError::Version(major.v),
-                    _ => malformed(e),
-                })
-            }
-        };
+        let event: Self = decode_major(payload, EVENT_VERSION, |e: &Self| e.v)?;
         let invalid =
             |field: &'static str| move |reason: String| DecodeError::Invalid { field, reason };
         ClickId::parse(&event.click_id).map_err(invalid("click_id"))?;
@@ -189,6 +164,35 @@ impl ClickEvent {
             crate::registry::check_account_id(&event.account_id).map_err(invalid("account_id"))?;
         }
         Ok((event, ip_hash, ua_hash))
+    }
+}
+
+/// Parses a versioned JSON event of major `major` (`v` of the parsed value). One parse in
+/// the common case. Another major may have another shape altogether, so the version
+/// decides first whenever it is not ours, and when the event does not parse as ours (then
+/// the version alone is read, to say which it is). A malformed payload is reported by its
+/// position only: it may be anything.
+pub fn decode_major<T: for<'de> Deserialize<'de>>(
+    payload: &[u8],
+    major: u16,
+    version_of: impl Fn(&T) -> u16,
+) -> Result<T, DecodeError> {
+    #[derive(Deserialize)]
+    struct Major {
+        v: u16,
+    }
+    match serde_json::from_slice::<T>(payload) {
+        Ok(event) if version_of(&event) == major => Ok(event),
+        Ok(event) => Err(DecodeError::Version(version_of(&event))),
+        Err(e) => Err(match serde_json::from_slice::<Major>(payload) {
+            Ok(other) if other.v != major => DecodeError::Version(other.v),
+            _ => DecodeError::Malformed(format!(
+                "line {} column {}: {:?}",
+                e.line(),
+                e.column(),
+                e.classify()
+            )),
+        }),
     }
 }
 

@@ -24,7 +24,7 @@ use super::App;
 use crate::body;
 use crate::envelope::{envelope_with, ApiError, Body};
 use crate::limits::{Limit, Refusal};
-use crate::producer::{ClickSink, PublishError};
+use crate::producer::ClickSink;
 use shared::conversion::{validate, ConversionEvent, ConversionInput};
 use shared::metric_names as m;
 
@@ -108,12 +108,7 @@ impl<S: ClickSink> App<S> {
             .publish_conversion(event.dedup_id().as_bytes(), &event.encode())
             .await;
         if let Err(e) = published {
-            metrics::counter!(m::PRODUCE_ERRORS_TOTAL, "cause" => e.cause()).increment(1);
-            tracing::warn!(error = %e, "conversion not published");
-            return Err(ApiError::Unavailable(match e {
-                PublishError::QueueFull => Duration::from_secs(1),
-                _ => Duration::from_secs(5),
-            }));
+            return Err(super::not_published(&e, "conversion"));
         }
         metrics::counter!(m::CONVERSIONS_ACCEPTED_TOTAL, "type" => conversion.kind.as_str())
             .increment(1);
