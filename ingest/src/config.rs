@@ -41,6 +41,12 @@ pub struct Config {
     #[arg(long, env = "INGEST_HASH_KEY", hide_env_values = true)]
     pub hash_key: String,
 
+    /// Secret key of the customer-id hashes of conversions, at least 32 bytes; default:
+    /// `INGEST_HASH_KEY`. Set it to the current hash key before rotating that one, and
+    /// never change it: a customer's conversions are joined by this hash. Never logged.
+    #[arg(long, env = "INGEST_CUSTOMER_HASH_KEY", hide_env_values = true)]
+    pub customer_hash_key: Option<String>,
+
     /// Id stored beside each hash, so the key can be rotated.
     #[arg(long, env = "INGEST_HASH_KEY_ID", default_value = "k1")]
     pub hash_key_id: String,
@@ -325,6 +331,8 @@ fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
 /// Everything derived from the config that can fail, checked once at start-up.
 pub struct Validated {
     pub hasher: KeyedHasher,
+    /// Of customer ids ([`KeyedHasher::hash_customer`]).
+    pub customer_hasher: KeyedHasher,
     pub cors: CorsOrigins,
     pub catalogue: std::sync::Arc<shared::plans::Catalogue>,
 }
@@ -351,6 +359,9 @@ impl Config {
                 shared::hashing::KeyError::TooShort(_) => format!("INGEST_HASH_KEY: {e}"),
                 shared::hashing::KeyError::BadKeyId => format!("INGEST_HASH_KEY_ID: {e}"),
             })?;
+        let customer_key = self.customer_hash_key.as_deref().unwrap_or(&self.hash_key);
+        let customer_hasher = KeyedHasher::new(customer_key.as_bytes(), "customer")
+            .map_err(|e| format!("INGEST_CUSTOMER_HASH_KEY: {e}"))?;
         self.kafka_properties
             .refuse("INGEST_KAFKA_PROPERTIES", PRODUCER_PROTECTED)?;
         if self.kafka_topic.is_empty() || self.kafka_brokers.is_empty() {
@@ -427,6 +438,7 @@ impl Config {
         }
         Ok(Validated {
             hasher,
+            customer_hasher,
             cors,
             catalogue: std::sync::Arc::new(catalogue),
         })
@@ -479,6 +491,14 @@ mod tests {
             .err()
             .expect("invalid");
         assert!(err.starts_with("INGEST_HASH_KEY:"), "{err}");
+        let mut args = base();
+        args.extend(["--customer-hash-key", "short"]);
+        let err = Config::try_parse_from(args)
+            .expect("parses")
+            .validate()
+            .err()
+            .expect("invalid");
+        assert!(err.starts_with("INGEST_CUSTOMER_HASH_KEY:"), "{err}");
 
         // Ranges are declared at the fields: clap refuses the value, and the message names
         // the variable as well as the flag.

@@ -58,6 +58,7 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct App<S> {
     config: Config,
     hasher: KeyedHasher,
+    customer_hasher: KeyedHasher,
     cors: CorsOrigins,
     sink: Arc<S>,
     limiter: IpRateLimiter,
@@ -95,6 +96,7 @@ impl<S: ClickSink> App<S> {
             key_limiter: KeyLimiter::new(config.key_rate_per_minute, config.key_rate_burst),
             config,
             hasher: validated.hasher,
+            customer_hasher: validated.customer_hasher,
             cors: validated.cors,
             sink: parts.sink,
             registry: parts.registry,

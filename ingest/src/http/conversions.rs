@@ -92,7 +92,9 @@ impl<S: ClickSink> App<S> {
             ConversionInput::from_json(&raw).map_err(|e| ApiError::InvalidParams(vec![e]))?;
         let received_at_ms = shared::now_ms();
         let conversion = validate(&input, received_at_ms).map_err(ApiError::InvalidParams)?;
-        let customer_hash = self.hasher.hash(conversion.customer_id.as_bytes());
+        let customer_hash = self
+            .customer_hasher
+            .hash_customer(&key.account_id, &conversion.customer_id);
         let event = ConversionEvent::new(
             &conversion,
             &customer_hash,
