@@ -383,6 +383,18 @@ async fn the_billing_dashboard_answers_the_known_data_set() {
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(scope.ch.counts(&scope.table).await, (39, 39));
+    // Three conversions of the over-plan account (stored as the consumer stores them):
+    // the month's panel counts what the bill counts, clicks and conversions.
+    db.query(&format!(
+        "INSERT INTO conversions (conversion_key, account_id, type, event_id, customer_hash, \
+         key_id, click_id, amount, currency, occurred_at_ms, received_at, received_at_ms, \
+         api_key_id, kafka_topic, kafka_partition, kafka_offset) \
+         SELECT concat('{over}/lead/e', toString(number)), '{over}', 'lead', \
+         concat('e', toString(number)), toFixedString(repeat('x', 32), 32), 'e2e1', '', 0, '', \
+         toUnixTimestamp64Milli(now64(3)), now(), toUnixTimestamp64Milli(now64(3)), 'key_x', \
+         't', 0, number FROM numbers(3)"
+    ))
+    .await;
 
     let rows = |r: &[&[&str]]| -> Vec<Vec<String>> {
         r.iter()
@@ -412,7 +424,7 @@ async fn the_billing_dashboard_answers_the_known_data_set() {
     expected.insert(
         "accounts_near_caps",
         rows(&[
-            &[&over, "kt_over", "1", "25", "\\N", "\\N", "25", "5", "500"],
+            &[&over, "kt_over", "1", "25", "\\N", "\\N", "28", "5", "560"],
             &[
                 &capped,
                 "kt_capped",
@@ -428,13 +440,13 @@ async fn the_billing_dashboard_answers_the_known_data_set() {
     );
     expected.insert(
         "overage_revenue",
-        rows(&[&[&month, &over, "kt_over", "25", "5", "20", "0.02"]]),
+        rows(&[&[&month, &over, "kt_over", "28", "5", "23", "0.02"]]),
     );
     expected.insert("refusals_by_limit", rows(&[&["daily_cap", "2", "1"]]));
     expected.insert(
         "account_credits_by_kind",
         rows(&[
-            &[&today, &over, "25", "0", "25"],
+            &[&today, &over, "25", "3", "28"],
             &[&today, &capped, "10", "0", "10"],
             &[&today, me, "4", "0", "4"],
         ]),
