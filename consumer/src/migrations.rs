@@ -51,7 +51,7 @@ pub fn all(clicks_table: &str) -> Result<Vec<Migration>, String> {
 /// The oldest ClickHouse release the schema and the consumer's insert settings support.
 pub const MIN_SERVER_VERSION: (u32, u32) = (24, 8);
 
-fn parse(version: u32, name: &str, text: &str) -> Result<Migration, String> {
+pub fn parse(version: u32, name: &str, text: &str) -> Result<Migration, String> {
     let mut statements = Vec::new();
     let mut current = String::new();
     for line in text.lines() {
