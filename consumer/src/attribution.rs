@@ -1,44 +1,68 @@
 //! Attribution: which click each conversion is credited to, kept in ClickHouse's
-//! `conversion_attribution` (`deploy/clickhouse/0010_conversions.sql` has the rules).
+//! `conversion_attribution` (the rules: `consumer/README.md`, "Conversions and
+//! attribution").
 //!
-//! Computed in ClickHouse, where the stored conversions, the linked clicks and the
-//! accounts' windows are, by one statement ([`recompute`]) over the customers a change
-//! touches: every conversion of a customer depends on the customer's other conversions
-//! (rule 2), so the unit of work is the customer. What triggers it:
-//! * a conversions plan stored (and its clicks linked): the plan's conversions;
-//! * clicks linked from the clicks' side: the conversions naming them;
+//! Computed in ClickHouse, where the stored conversions, the clicks and the accounts'
+//! windows are, by one statement ([`recompute`]) over the conversions a change can affect.
+//! A conversion's attribution depends on itself, its own click, its account's window and
+//! (rule 2) the customer's *earlier* conversions. So a change to conversion `X` (stored,
+//! or its click stored) can only change `X` and the customer's conversions after it: the
+//! statement writes exactly those, reading the customer's conversions through an index
+//! ordered by (account, customer) and their clicks through one ordered by click id. A
+//! customer's new conversion rewrites none of the earlier ones. What triggers it
+//! ([`crate::settle`]):
+//! * a conversions plan stored: the plan's conversions;
+//! * clicks stored: the conversions that name them;
 //! * an account's record mirrored (its window may have changed): the whole account.
 //!
 //! Why the result is exact whatever the order of events: each change is committed before
-//! the computation it triggers begins, and a computation's rows carry the server's time
+//! the computation it triggers begins, every computation that can be affected by a change
+//! includes the conversions it affects, and a computation's rows carry the server's time
 //! when it began (`computed_at`, the table's version). So the newest computation of a
-//! customer began after every change committed before it, saw them all, and wins; an older
-//! computation that finishes late loses. Computing again is harmless.
+//! conversion began after every change to what it depends on, saw them all, and wins; an
+//! older one that finishes late loses. Computing again is harmless.
 
 use clickhouse::Client;
 
-/// Which conversions' customers to compute.
+/// Which conversions to compute.
 #[derive(Debug, Clone, Copy)]
 pub enum Scope<'a> {
-    /// The customers of these conversions (conversion keys).
+    /// These conversions (conversion keys) and their customers' later ones.
     Conversions(&'a [&'a str]),
-    /// Every customer of these accounts.
+    /// Every conversion of these accounts.
     Accounts(&'a [&'a str]),
     /// Everything (a backfill).
     All,
 }
 
+/// The migration that brings the attribution table to databases made before it: applying
+/// it computes every conversion's attribution once.
+pub const BACKFILL_AT_MIGRATION: u32 = 11;
+
 /// Keys sent in one statement (as a literal list: the statement text holds them).
 const KEYS_PER_STATEMENT: usize = 5_000;
 
-/// The statement, with `{scope}` a condition on `conversions`.
+/// Ingest instances' clocks may differ by minutes: a click stamped up to this long after
+/// its conversion still counts as before it.
+pub const CLOCK_ALLOWANCE_MS: u64 = 300_000;
+
+/// The statement; `{seeds}` yields (account_id, customer_hash, from_ms): the customers to
+/// compute and, for each, the time from which their conversions may change. Every input
+/// is read once: ClickHouse evaluates a `WITH` subquery at each reference, so rule 2 is a
+/// window over each customer's earlier conversions, not a second pass.
 const RECOMPUTE: &str = "
-INSERT INTO conversion_attribution
+INSERT INTO conversion_attribution (conversion_key, account_id, type, event_id,
+    customer_hash, amount, currency, occurred_at, received_at, named_click_id,
+    attribution, click_id, code, landing_path, utm_source, utm_medium, utm_campaign,
+    clicked_at, seconds_to_convert, computed_at)
 WITH
-    touched AS
+    seeds AS ({seeds}),
+    customer AS
     (
-        SELECT * FROM conversions
-        WHERE (account_id, customer_hash) IN (SELECT account_id, customer_hash FROM conversions WHERE {scope})
+        SELECT c.*, s.from_ms AS from_ms
+        FROM conversions_by_customer AS c
+        INNER JOIN seeds AS s ON s.account_id = c.account_id AND s.customer_hash = c.customer_hash
+        WHERE (c.account_id, c.customer_hash) IN (SELECT account_id, customer_hash FROM seeds)
     ),
     linked AS
     (
@@ -50,8 +74,8 @@ WITH
                argMin(utm_medium, clicked_at_ms) AS click_utm_medium,
                argMin(utm_campaign, clicked_at_ms) AS click_utm_campaign,
                min(clicked_at_ms) AS click_at_ms
-        FROM conversion_clicks
-        WHERE click_id IN (SELECT click_id FROM touched WHERE click_id != '')
+        FROM clicks_by_id
+        WHERE click_id IN (SELECT click_id FROM customer WHERE click_id != '')
         GROUP BY click_id
     ),
     direct AS
@@ -60,100 +84,122 @@ WITH
                c.event_id AS event_id, c.customer_hash AS customer_hash,
                c.click_id AS named_click_id, c.amount AS amount, c.currency AS currency,
                c.occurred_at_ms AS occurred_at_ms, c.received_at AS received_at,
+               c.from_ms AS from_ms,
                toUInt64(if(w.account_id = '', 90, w.attribution_window_days)) * 86400000 AS window_ms,
                k.click_id != '' AND k.click_account = c.account_id
-                   AND k.click_at_ms <= c.occurred_at_ms + 300000
-                   AND c.occurred_at_ms + 300000 - k.click_at_ms <= window_ms + 300000 AS own,
+                   AND k.click_at_ms <= c.occurred_at_ms + {allowance}
+                   AND c.occurred_at_ms + {allowance} - k.click_at_ms <= window_ms + {allowance} AS own,
                k.click_id AS k_click_id, k.click_code AS k_code,
                k.click_landing_path AS k_landing_path, k.click_utm_source AS k_utm_source,
                k.click_utm_medium AS k_utm_medium, k.click_utm_campaign AS k_utm_campaign,
                k.click_at_ms AS k_click_at_ms
-        FROM touched AS c
+        FROM customer AS c
         LEFT JOIN linked AS k ON k.click_id = c.click_id
         LEFT JOIN
         (
-            SELECT account_id, attribution_window_days FROM accounts FINAL WHERE is_deleted = 0
+            SELECT account_id, attribution_window_days FROM accounts FINAL
+            WHERE is_deleted = 0 AND account_id IN (SELECT account_id FROM seeds)
         ) AS w ON w.account_id = c.account_id
     ),
-    customers AS
+    ordered AS
     (
-        SELECT account_id, customer_hash,
-               arraySort(x -> (x.1, x.2),
-                   groupArray((occurred_at_ms, type = 'sale', k_click_id, k_click_at_ms, k_code,
-                               k_landing_path, k_utm_source, k_utm_medium, k_utm_campaign))) AS attributed
+        -- Per conversion, the customer's earlier conversions attributed by rule 1, in one
+        -- total order: time, a lead before a sale of the same millisecond, then the key.
+        SELECT *,
+               groupArrayIf((k_click_id, k_click_at_ms, k_code, k_landing_path, k_utm_source,
+                             k_utm_medium, k_utm_campaign), own)
+                   OVER (PARTITION BY account_id, customer_hash
+                         ORDER BY occurred_at_ms, type = 'sale', conversion_key
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS attributed_before
         FROM direct
-        WHERE own
-        GROUP BY account_id, customer_hash
     )
-SELECT
-    d.conversion_key AS conversion_key,
-    d.account_id AS account_id,
-    d.type AS type,
-    d.event_id AS event_id,
-    d.customer_hash AS customer_hash,
-    d.amount AS amount,
-    d.currency AS currency,
-    fromUnixTimestamp64Milli(toInt64(d.occurred_at_ms), 'UTC') AS occurred_at,
-    d.received_at AS received_at,
-    d.named_click_id AS named_click_id,
-    arrayFirst(x -> ((x.1 < d.occurred_at_ms) OR (x.1 = d.occurred_at_ms AND x.2 < (d.type = 'sale')))
-                    AND d.occurred_at_ms + 300000 - x.4 <= d.window_ms + 300000,
-               c.attributed) AS earlier,
-    multiIf(d.own, 'click', earlier.3 != '', 'customer', 'none') AS attribution,
-    if(d.own, d.k_click_id, earlier.3) AS click_id,
-    if(d.own, d.k_code, earlier.5) AS code,
-    if(d.own, d.k_landing_path, earlier.6) AS landing_path,
-    if(d.own, d.k_utm_source, earlier.7) AS utm_source,
-    if(d.own, d.k_utm_medium, earlier.8) AS utm_medium,
-    if(d.own, d.k_utm_campaign, earlier.9) AS utm_campaign,
-    if(attribution = 'none', NULL, fromUnixTimestamp64Milli(toInt64(if(d.own, d.k_click_at_ms, earlier.4)), 'UTC')) AS clicked_at,
-    if(attribution = 'none', NULL, (toInt64(d.occurred_at_ms) - toInt64(if(d.own, d.k_click_at_ms, earlier.4))) / 1000) AS seconds_to_convert,
-    now64(6, 'UTC') AS computed_at
-FROM direct AS d
-LEFT JOIN customers AS c ON c.account_id = d.account_id AND c.customer_hash = d.customer_hash
+SELECT * EXCEPT (earlier) FROM
+(
+    SELECT
+        d.conversion_key AS conversion_key,
+        d.account_id AS account_id,
+        d.type AS type,
+        d.event_id AS event_id,
+        d.customer_hash AS customer_hash,
+        d.amount AS amount,
+        d.currency AS currency,
+        fromUnixTimestamp64Milli(toInt64(d.occurred_at_ms), 'UTC') AS occurred_at,
+        d.received_at AS received_at,
+        d.named_click_id AS named_click_id,
+        arrayFirst(x -> d.occurred_at_ms + {allowance} - x.2 <= d.window_ms + {allowance},
+                   d.attributed_before) AS earlier,
+        multiIf(d.own, 'click', earlier.1 != '', 'customer', 'none') AS attribution,
+        if(d.own, d.k_click_id, earlier.1) AS click_id,
+        if(d.own, d.k_code, earlier.3) AS code,
+        if(d.own, d.k_landing_path, earlier.4) AS landing_path,
+        if(d.own, d.k_utm_source, earlier.5) AS utm_source,
+        if(d.own, d.k_utm_medium, earlier.6) AS utm_medium,
+        if(d.own, d.k_utm_campaign, earlier.7) AS utm_campaign,
+        if(attribution = 'none', NULL, fromUnixTimestamp64Milli(toInt64(if(d.own, d.k_click_at_ms, earlier.2)), 'UTC')) AS clicked_at,
+        if(attribution = 'none', NULL, (toInt64(d.occurred_at_ms) - toInt64(if(d.own, d.k_click_at_ms, earlier.2))) / 1000) AS seconds_to_convert,
+        now64(6, 'UTC') AS computed_at
+    FROM ordered AS d
+    WHERE d.occurred_at_ms >= d.from_ms
+)
 ";
 
-/// The statement's text for `condition` (see [`RECOMPUTE`]), with the helper column
-/// `earlier` left out of the insert.
-fn statement(condition: &str) -> String {
-    let sql = RECOMPUTE.replace("{scope}", condition);
-    // `earlier` is an intermediate, not a column of the table: select it under the name
-    // the outer query uses, but insert only the table's columns.
-    sql.replacen(
-        "INSERT INTO conversion_attribution",
-        "INSERT INTO conversion_attribution (conversion_key, account_id, type, event_id, \
-         customer_hash, amount, currency, occurred_at, received_at, named_click_id, \
-         attribution, click_id, code, landing_path, utm_source, utm_medium, utm_campaign, \
-         clicked_at, seconds_to_convert, computed_at) SELECT * EXCEPT (earlier) FROM (",
-        1,
-    ) + ")"
+/// The seeds of each scope: the customers to compute, and from when.
+const SEEDS_OF_CONVERSIONS: &str =
+    "SELECT account_id, customer_hash, min(occurred_at_ms) AS from_ms \
+     FROM conversions WHERE conversion_key IN {ids} GROUP BY account_id, customer_hash";
+const SEEDS_OF_ACCOUNTS: &str = "SELECT account_id, customer_hash, toUInt64(0) AS from_ms \
+     FROM conversions_by_customer WHERE account_id IN {ids} GROUP BY account_id, customer_hash";
+const SEEDS_OF_ALL: &str = "SELECT account_id, customer_hash, toUInt64(0) AS from_ms \
+     FROM conversions_by_customer GROUP BY account_id, customer_hash";
+
+/// The statement's text for one scope's seeds.
+fn statement(seeds: &str) -> String {
+    RECOMPUTE
+        .replace("{seeds}", seeds)
+        .replace("{allowance}", &CLOCK_ALLOWANCE_MS.to_string())
 }
 
-/// Computes the attribution of every conversion of the customers `scope` names.
+/// Computes the attribution of the conversions `scope` names (see the module doc).
 pub async fn recompute(
     client: &Client,
     scope: Scope<'_>,
     timeout_secs: &str,
 ) -> clickhouse::error::Result<()> {
-    let run = |condition: &str| {
-        client
-            .query(&statement(condition))
+    let (seeds, ids) = match scope {
+        Scope::All => (SEEDS_OF_ALL, &[][..]),
+        Scope::Conversions(keys) => (SEEDS_OF_CONVERSIONS, keys),
+        Scope::Accounts(accounts) => (SEEDS_OF_ACCOUNTS, accounts),
+    };
+    let sql = statement(seeds);
+    // `All` has no ids: one statement.
+    let chunks: Vec<&[&str]> = if ids.is_empty() {
+        vec![&[]]
+    } else {
+        ids.chunks(KEYS_PER_STATEMENT).collect()
+    };
+    for chunk in chunks {
+        crate::writer::query_in(client, &sql, chunk)
             .with_setting("max_execution_time", timeout_secs)
             .with_setting("max_query_size", "4194304")
-    };
-    match scope {
-        Scope::All => run("1").execute().await,
-        Scope::Conversions(keys) => {
-            for chunk in keys.chunks(KEYS_PER_STATEMENT) {
-                run("conversion_key IN ?").bind(chunk).execute().await?;
-            }
-            Ok(())
-        }
-        Scope::Accounts(accounts) => {
-            for chunk in accounts.chunks(KEYS_PER_STATEMENT) {
-                run("account_id IN ?").bind(chunk).execute().await?;
-            }
-            Ok(())
+            .with_setting("async_insert", "0")
+            .execute()
+            .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_scope_fills_the_seeds_and_the_allowance() {
+        for seeds in [SEEDS_OF_CONVERSIONS, SEEDS_OF_ACCOUNTS, SEEDS_OF_ALL] {
+            let sql = statement(seeds);
+            assert_eq!(sql.contains("{ids}"), seeds.contains("{ids}"), "{sql}");
+            assert!(!sql.replace("{ids}", "").contains('{'), "{sql}");
+            assert!(!sql.contains('?'), "{sql}");
+            assert!(sql.contains("seeds AS (SELECT account_id, customer_hash"));
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod registry;
 pub mod row;
+pub mod settle;
 pub mod writer;
 
 use std::sync::Arc;
@@ -52,6 +53,12 @@ async fn migrate(config: &Config, catalogue: &shared::plans::Catalogue) -> anyho
     )
     .await?;
     registry::store_catalogue(config, catalogue).await?;
+    if applied.contains(&attribution::BACKFILL_AT_MIGRATION) {
+        // Databases migrated before the attribution table was: every conversion once.
+        writer::Writer::for_table(config, "conversions")
+            .attribute(attribution::Scope::All)
+            .await?;
+    }
     tracing::info!(?applied, database = %config.clickhouse_database, plans = %catalogue.names(), "migrations up to date");
     Ok(())
 }
@@ -86,6 +93,7 @@ async fn run(
     let writer = writer::Writer::new(&config);
     let consumer = Arc::new(kafka::consumer(&config)?);
     let dlq = kafka::dlq_producer(&config)?;
+    ops::spawn_attribution_check(writer.clone());
     ops::spawn_health_checks(
         Arc::clone(&health),
         writer.clone(),

@@ -65,6 +65,20 @@ pub fn spawn_health_checks(
     });
 }
 
+/// Every 15 s: the conversions stored but not attributed (a gauge, alerted on; see
+/// [`Writer::unattributed_conversions`]). A failed query leaves the last value.
+pub fn spawn_attribution_check(writer: Writer) {
+    tokio::spawn(async move {
+        loop {
+            match writer.unattributed_conversions().await {
+                Ok(n) => metrics::gauge!(m::CONVERSIONS_UNATTRIBUTED).set(n as f64),
+                Err(e) => tracing::debug!(error = %e, "unattributed conversions not counted"),
+            }
+            tokio::time::sleep(Duration::from_secs(15)).await;
+        }
+    });
+}
+
 pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,

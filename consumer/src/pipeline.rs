@@ -88,6 +88,7 @@ use crate::kafka::{self, Consumer, DeadLetter, DeadLetterError, Rebalanced};
 use crate::partition::{Agreement, PartitionState, RecentIds};
 use crate::plan::{group_is_whole, message_hash, PlanGroup, PlanRange, RecordedPlan};
 use crate::row::{Stored, Stream};
+use crate::settle;
 use crate::writer::Writer;
 use shared::metric_names as m;
 
@@ -171,7 +172,7 @@ impl<R: Stored> Pipeline<R> {
             backoff: MIN_BACKOFF,
             paused: false,
             idle_since: Some(Instant::now()),
-            consumed: metrics::counter!(m::CONSUMED_TOTAL),
+            consumed: metrics::counter!(m::CONSUMED_TOTAL, "stream" => R::STREAM.label()),
         }
     }
 
@@ -753,26 +754,30 @@ impl Flusher {
             }
         };
         let topic = &self.config.kafka_topic;
-        if R::STREAM == Stream::Conversions {
-            if let Err(e) = self.skip_stored_elsewhere(partitions).await {
+        let claimed_elsewhere = match self.claim(partitions, &routes).await {
+            Ok(positions) => positions,
+            Err(e) => {
                 return InsertOutcome {
                     completed: Vec::new(),
                     waiting: false,
                     error: Some(e),
-                };
+                }
             }
-        }
+        };
         let (stored, mut error) = self.stored_rows(partitions, &routes).await;
-        let plan = plan_inserts(topic, partitions, &routes, &stored);
+        let plan = plan_inserts(topic, partitions, &routes, &stored, &claimed_elsewhere);
         plan.count();
-        let results = self.run_inserts(partitions, &plan.jobs).await;
+        let results = self
+            .run_inserts(partitions, &plan.jobs, &claimed_elsewhere)
+            .await;
         let mut completed = Vec::new();
         for (job, result, took) in results {
             match result {
                 Ok(rows) => {
                     metrics::histogram!(m::INSERT_DURATION).record(took.as_secs_f64());
                     metrics::histogram!(m::BATCH_ROWS).record(rows as f64);
-                    metrics::counter!(m::INSERTED_ROWS_TOTAL).increment(rows as u64);
+                    metrics::counter!(m::INSERTED_ROWS_TOTAL, "stream" => R::STREAM.label())
+                        .increment(rows as u64);
                     for (partition, _) in &plan.jobs[job].plans {
                         if let Some(next) = partitions
                             .get_mut(partition)
@@ -792,36 +797,36 @@ impl Flusher {
         }
     }
 
-    /// Conversions: a row whose id is stored at another offset (an earlier message of the
-    /// same event, however long ago) is a repeat: its id goes into the partition's recent
-    /// ids, so it is not sent. A row found at its own offset is this plan's, stored by an
-    /// earlier attempt: it is sent again, under the same token (a no-op).
-    async fn skip_stored_elsewhere<R: Stored>(
+    /// Conversions: claims every row of the plans that go in this flush, and returns the
+    /// positions (partition, offset) of those whose conversion is stored, or claimed, at
+    /// another position: repeats, in this partition or any other, read now or days ago,
+    /// by this member or another (see `Writer::claim`). Clicks claim nothing: a retry of a
+    /// click id lands in the partition of the first (invariant 5).
+    async fn claim<R: Stored>(
         &self,
-        partitions: &mut Partitions<R>,
-    ) -> Result<(), FlushError> {
-        let mut ids: Vec<&str> = Vec::new();
+        partitions: &Partitions<R>,
+        routes: &BTreeMap<i32, Route>,
+    ) -> Result<Positions, FlushError> {
+        if R::STREAM != Stream::Conversions {
+            return Ok(Positions::new());
+        }
+        let mut claims: Vec<(&str, u16, u64)> = Vec::new();
         for state in partitions.values() {
-            if let Some((_, rows, _)) = state.agreed() {
-                ids.extend(rows.map(Stored::id));
+            let Some((_, rows, _)) = state.agreed() else {
+                continue;
+            };
+            if matches!(routes.get(&state.partition), None | Some(Route::Wait)) {
+                continue;
             }
+            let partition = u16::try_from(state.partition).unwrap_or(u16::MAX);
+            claims.extend(rows.map(|r| (r.id(), partition, r.kafka_offset())));
         }
-        let found = self
-            .writer
-            .stored_ids::<R>(&self.config.kafka_topic, &ids)
-            .await?;
-        if found.is_empty() {
-            return Ok(());
-        }
-        let earlier = stored_elsewhere(partitions, &found);
-        for (partition, ids) in earlier {
-            if let Some(state) = partitions.get_mut(&partition) {
-                for (id, at) in ids {
-                    state.recent.insert(&id, at);
-                }
-            }
-        }
-        Ok(())
+        let winners = self.writer.claim(&self.config.kafka_topic, &claims).await?;
+        Ok(claims
+            .iter()
+            .filter(|(key, p, o)| winners.get(*key).is_some_and(|w| *w != (*p, *o)))
+            .map(|(_, p, o)| (i32::from(*p), *o))
+            .collect())
     }
 
     /// The rows already stored of each plan routed `Alone { check_stored: true }` (another
@@ -867,6 +872,7 @@ impl Flusher {
         &self,
         agreed: &Partitions<R>,
         jobs: &[InsertJob],
+        claimed_elsewhere: &Positions,
     ) -> Vec<(usize, clickhouse::error::Result<usize>, Duration)> {
         let writer = &self.writer;
         type Job<'a> = std::pin::Pin<
@@ -886,11 +892,16 @@ impl Flusher {
                 Box::pin(async move {
                     let started = Instant::now();
                     let rows = rows_to_insert(agreed, plans);
-                    let mut result = writer.insert_plan(rows.iter().copied(), token).await;
+                    let mut result = if rows.is_empty() {
+                        Ok(0)
+                    } else {
+                        writer.insert_plan(rows.iter().copied(), token).await
+                    };
                     if result.is_ok() {
-                        // Stored, then linked: a failed link fails the insert, which is
-                        // sent again (a no-op) and linked again before the commit.
-                        if let Err(e) = R::link(writer, &rows).await {
+                        // Stored, then settled: a failed settle fails the insert, which is
+                        // sent again (a no-op) and settled again before the commit.
+                        let ids = rows_to_settle(agreed, plans, claimed_elsewhere);
+                        if let Err(e) = settle::after_store(writer, R::STREAM, &ids).await {
                             result = Err(e);
                         }
                     }
@@ -924,44 +935,8 @@ impl Flusher {
     }
 }
 
-/// The rows of the agreed plans whose id `found` (id, partition, offset) holds at another
-/// position and not at their own: repeats of something stored earlier. By partition:
-/// (id, ingest time). A row found only at its own position is the plan's own, stored by an
-/// earlier attempt.
-fn stored_elsewhere<R: Stored>(
-    partitions: &Partitions<R>,
-    found: &[(String, u16, u64)],
-) -> HashMap<i32, Vec<(String, u64)>> {
-    // Where each found id is stored: (partition, offset) of each copy.
-    let mut stored: HashMap<&str, Vec<(i32, u64)>> = HashMap::new();
-    for (id, p, o) in found {
-        stored
-            .entry(id.as_str())
-            .or_default()
-            .push((i32::from(*p), *o));
-    }
-    let mut earlier: HashMap<i32, Vec<(String, u64)>> = HashMap::new();
-    for state in partitions.values() {
-        let Some((_, rows, _)) = state.agreed() else {
-            continue;
-        };
-        for row in rows {
-            let Some(copies) = stored.get(row.id()) else {
-                continue;
-            };
-            let position = (state.partition, row.kafka_offset());
-            let here = copies.contains(&position);
-            let elsewhere = copies.iter().any(|c| *c != position);
-            if elsewhere && !here {
-                earlier
-                    .entry(state.partition)
-                    .or_default()
-                    .push((row.id().to_owned(), row.received_at_ms()));
-            }
-        }
-    }
-    earlier
-}
+/// Positions (partition, offset) of rows in hand.
+type Positions = HashSet<(i32, u64)>;
 
 struct InsertOutcome {
     completed: Vec<(i32, i64)>,
@@ -996,6 +971,8 @@ struct InsertPlan {
     replayed: u64,
     skipped_stored: u64,
     skipped_repeat: u64,
+    /// Conversions stored, or claimed, at another position.
+    skipped_claimed: u64,
 }
 
 impl InsertPlan {
@@ -1006,17 +983,21 @@ impl InsertPlan {
             .increment(self.skipped_stored);
         metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "same_click_id")
             .increment(self.skipped_repeat);
+        metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "claimed_elsewhere")
+            .increment(self.skipped_claimed);
     }
 }
 
 /// Builds a flush's inserts from its agreed plans (pure): a plan routed to a group joins
 /// the group's insert under the group's token, any other goes alone under its own; rows
-/// stored already or repeating a click id are flagged not to be sent.
+/// stored already, repeating a click id, or claimed at another position are flagged not
+/// to be sent.
 fn plan_inserts<R: Stored>(
     topic: &str,
     partitions: &Partitions<R>,
     routes: &BTreeMap<i32, Route>,
     stored: &StoredRows,
+    claimed_elsewhere: &Positions,
 ) -> InsertPlan {
     let mut plan = InsertPlan::default();
     let mut grouped: HashMap<&str, usize> = HashMap::new();
@@ -1039,11 +1020,19 @@ fn plan_inserts<R: Stored>(
         if replayed_age_ms.is_some() {
             plan.replayed += 1;
         }
-        let flags = state.rows_to_send(stored);
+        let mut flags = state.rows_to_send(stored);
         let skipped_stored = stored.len();
         plan.skipped_stored += skipped_stored as u64;
         plan.skipped_repeat +=
             (flags.iter().filter(|send| !**send).count() - skipped_stored.min(flags.len())) as u64;
+        if let Some((_, rows, _)) = state.agreed() {
+            for (row, send) in rows.zip(flags.iter_mut()) {
+                if claimed_elsewhere.contains(&(state.partition, row.kafka_offset())) {
+                    plan.skipped_claimed += u64::from(*send);
+                    *send = false;
+                }
+            }
+        }
         match route {
             Route::Group(group) => match grouped.get(group.id.as_str()) {
                 Some(&job) => plan.jobs[job].plans.push((state.partition, flags)),
@@ -1080,6 +1069,29 @@ fn rows_to_insert<'a, R: Stored>(
     for (partition, flags) in plans {
         if let Some((_, rows, _)) = agreed.get(partition).and_then(PartitionState::agreed) {
             out.extend(rows.zip(flags).filter(|(_, send)| **send).map(|(r, _)| r));
+        }
+    }
+    out
+}
+
+/// The ids of one insert's rows to settle ([`settle`]): every row of its plans stored at
+/// its own position, sent now or by an earlier attempt; each id once.
+fn rows_to_settle<'a, R: Stored>(
+    agreed: &'a Partitions<R>,
+    plans: &[(i32, Vec<bool>)],
+    claimed_elsewhere: &Positions,
+) -> Vec<&'a str> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (partition, _) in plans {
+        if let Some((_, rows, _)) = agreed.get(partition).and_then(PartitionState::agreed) {
+            for row in rows {
+                if !claimed_elsewhere.contains(&(*partition, row.kafka_offset()))
+                    && seen.insert(row.id())
+                {
+                    out.push(row.id());
+                }
+            }
         }
     }
     out
@@ -1178,29 +1190,37 @@ mod tests {
     }
 
     #[test]
-    fn only_ids_stored_at_another_position_are_repeats() {
-        let partitions: Partitions<ClickRow> = (0..2).map(|p| (p, agreed_state(p, 3))).collect();
-        let found = vec![
-            // Stored earlier at another offset of the same partition: a repeat.
-            ("refclk_0_1".to_owned(), 0, 99),
-            // This plan's own row, stored by an earlier attempt: not a repeat.
-            ("refclk_0_2".to_owned(), 0, 2),
-            // Stored in another partition (the topic had other partitions then): a repeat.
-            ("refclk_1_0".to_owned(), 5, 0),
-            // Both its own copy and another: its own stands, it is sent again (a no-op).
-            ("refclk_1_2".to_owned(), 1, 2),
-            ("refclk_1_2".to_owned(), 1, 7),
-            // Not in any plan.
-            ("refclk_9_9".to_owned(), 0, 1),
-        ];
-        let mut got: Vec<(i32, String)> = stored_elsewhere(&partitions, &found)
-            .into_iter()
-            .flat_map(|(p, ids)| ids.into_iter().map(move |(id, _)| (p, id)))
+    fn rows_claimed_elsewhere_are_not_sent_and_stored_ones_are_still_settled() {
+        let mut partitions: Partitions<ClickRow> =
+            (0..2).map(|p| (p, agreed_state(p, 3))).collect();
+        // Partition 0's row at offset 2 was stored by an earlier attempt (a remembered id).
+        if let Some(state) = partitions.get_mut(&0) {
+            state.recent.insert("refclk_0_2", 1000);
+        }
+        let routes: BTreeMap<i32, Route> = (0..2)
+            .map(|p| {
+                (
+                    p,
+                    Route::Alone {
+                        check_stored: false,
+                    },
+                )
+            })
             .collect();
-        got.sort();
+        // The conversion at 1/0 is stored (or claimed) at another position: a repeat.
+        let elsewhere: Positions = [(1, 0)].into_iter().collect();
+        let plan = plan_inserts("t", &partitions, &routes, &StoredRows::new(), &elsewhere);
+        assert_eq!(plan.jobs[0].plans, vec![(0, vec![true, true, false])]);
+        assert_eq!(plan.jobs[1].plans, vec![(1, vec![false, true, true])]);
+        assert_eq!((plan.skipped_claimed, plan.skipped_repeat), (1, 1));
+        // Settled: everything stored at its own position, sent now or before; not the repeat.
         assert_eq!(
-            got,
-            [(0, "refclk_0_1".to_owned()), (1, "refclk_1_0".to_owned())]
+            rows_to_settle(&partitions, &plan.jobs[0].plans, &elsewhere),
+            ["refclk_0_0", "refclk_0_1", "refclk_0_2"]
+        );
+        assert_eq!(
+            rows_to_settle(&partitions, &plan.jobs[1].plans, &elsewhere),
+            ["refclk_1_1", "refclk_1_2"]
         );
     }
 
@@ -1226,7 +1246,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let plan = plan_inserts("t", &partitions, &routes, &stored);
+        let plan = plan_inserts("t", &partitions, &routes, &stored, &Positions::new());
         // The group's plans in one insert under its token; partition 2 alone under its own,
         // without its stored first row; 3 waits for its group; 4's check failed.
         assert_eq!(plan.jobs.len(), 2, "{plan:?}");

@@ -1,8 +1,8 @@
 //! The rows the consumer stores, built from a decoded event and where it sat in Kafka:
 //! `referral_clicks` ([`ClickRow`]) and `conversions` ([`ConversionRow`]). The pipeline is
-//! the same for both ([`Stored`]): what differs is how a message becomes a row, the column
-//! naming a row's identity (a client retry of it is the same row), and the step that links
-//! the two streams once a plan is stored ([`crate::writer::Writer::link_clicks`]).
+//! the same for both ([`Stored`]): what differs is how a message becomes a row and the
+//! column naming a row's identity (a client retry of it is the same row). What follows a
+//! stored plan, for either stream, is [`crate::settle`].
 
 use clickhouse::{Row, RowOwned, RowWrite};
 use serde::{Deserialize, Serialize};
@@ -10,8 +10,6 @@ use serde::{Deserialize, Serialize};
 use shared::conversion::ConversionEvent;
 use shared::event::{ClickEvent, DecodeError};
 use shared::hashing::Digest;
-
-use crate::writer::Writer;
 
 /// Which of the two streams a row belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +46,6 @@ pub trait Stored: RowOwned + RowWrite + Sized + Send + Sync + std::fmt::Debug + 
     /// The same, in seconds (the table's `received_at`).
     fn received_at(&self) -> u32;
     fn kafka_offset(&self) -> u64;
-    /// After a plan's rows are stored: links them to the other stream's rows.
-    fn link<'a>(
-        writer: &'a Writer,
-        rows: &'a [&'a Self],
-    ) -> impl std::future::Future<Output = clickhouse::error::Result<()>> + Send + 'a;
 }
 
 impl Stored for ClickRow {
@@ -77,12 +70,6 @@ impl Stored for ClickRow {
     }
     fn kafka_offset(&self) -> u64 {
         self.kafka_offset
-    }
-    fn link<'a>(
-        writer: &'a Writer,
-        rows: &'a [&'a Self],
-    ) -> impl std::future::Future<Output = clickhouse::error::Result<()>> + Send + 'a {
-        writer.link_clicks(rows)
     }
 }
 
@@ -154,12 +141,6 @@ impl Stored for ConversionRow {
     }
     fn kafka_offset(&self) -> u64 {
         self.kafka_offset
-    }
-    fn link<'a>(
-        writer: &'a Writer,
-        rows: &'a [&'a Self],
-    ) -> impl std::future::Future<Output = clickhouse::error::Result<()>> + Send + 'a {
-        writer.link_conversions(rows)
     }
 }
 

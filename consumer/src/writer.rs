@@ -11,14 +11,12 @@ use serde::{Deserialize, Serialize};
 use crate::attribution::{self, Scope};
 use crate::config::Config;
 use crate::plan::{PlanGroup, PlanRange, RecordedPlan};
-use crate::row::{ClickRow, ConversionRow, Stored};
+use crate::row::Stored;
 
 #[derive(Clone)]
 pub struct Writer {
     client: Client,
     table: String,
-    /// The raw clicks table (the conversions stream links its rows to clicks there).
-    clicks_table: String,
     plans_table: String,
     /// Of one insert, and of each plan or id query.
     timeout: Duration,
@@ -51,23 +49,43 @@ struct RecordedRow {
     group_starts: Vec<(u16, u64)>,
 }
 
-/// Ids sent in one lookup query (as a literal list: the query text holds them).
+/// Ids sent in one lookup query (the query text holds them).
 const IDS_PER_QUERY: usize = 5_000;
+
+/// A query whose `{ids}` is the set of `ids`, written as
+/// `(SELECT id FROM format(TSV, 'id String', $$…$$))`: one string literal, which the server
+/// parses several times faster than a literal list of thousands (tests/README.md). An id
+/// holding a character that could end that literal or a TSV field (none of a valid click
+/// id, conversion key or account id does) makes it fall back to a bound list; binds for
+/// any `?` after `{ids}` follow.
+pub fn query_in(client: &Client, template: &str, ids: &[&str]) -> clickhouse::query::Query {
+    let safe = ids
+        .iter()
+        .all(|id| !id.contains(['$', '\t', '\n', '\r', '\\', '?']));
+    if safe {
+        let mut set = String::with_capacity(64 + ids.iter().map(|i| i.len() + 1).sum::<usize>());
+        set.push_str("(SELECT id FROM format(TSV, 'id String', $$");
+        for id in ids {
+            set.push_str(id);
+            set.push('\n');
+        }
+        set.push_str("$$))");
+        client.query(&template.replace("{ids}", &set))
+    } else {
+        client.query(&template.replace("{ids}", "?")).bind(ids)
+    }
+}
 /// Room for [`IDS_PER_QUERY`] ids of the longest kind (conversion keys, ~200 bytes) in the
 /// query text; the server's default is 256 KiB.
 const MAX_QUERY_SIZE: &str = "4194304";
 
-/// A row of `conversion_clicks`: a click some conversion names.
+/// A row of `conversion_claims` as written (`claimed_at` is the server's default).
 #[derive(Debug, Row, Serialize)]
-struct LinkedClick {
-    click_id: String,
-    account_id: String,
-    code: String,
-    landing_path: String,
-    utm_source: String,
-    utm_medium: String,
-    utm_campaign: String,
-    clicked_at_ms: u64,
+struct Claim<'a> {
+    conversion_key: &'a str,
+    kafka_topic: &'a str,
+    kafka_partition: u16,
+    kafka_offset: u64,
 }
 
 fn to_u64(v: i64) -> u64 {
@@ -85,7 +103,6 @@ impl Writer {
         Self {
             client: base_client(config).with_database(&config.clickhouse_database),
             table: table.to_owned(),
-            clicks_table: config.clickhouse_table.clone(),
             plans_table: format!("{table}_plans"),
             timeout: config.insert_timeout,
         }
@@ -95,139 +112,87 @@ impl Writer {
         self.timeout.as_secs().max(1).to_string()
     }
 
-    /// Where each of `ids` is stored already, if anywhere: `(id, partition, offset)`. The
-    /// conversions stream asks this of every plan, so that a repeat of an event is stored
-    /// once however late it comes (the retry window of invariant 5 is bounded; this is
-    /// not). The table is ordered by the id: a primary-key lookup.
-    pub async fn stored_ids<R: Stored>(
+    /// Records a claim for each conversion of the plans in hand (`(key, partition,
+    /// offset)`), then reads every claim of those keys back: for each key, the position
+    /// of the first claim in commit order (`_block_number`, then partition and offset),
+    /// which is where that conversion is stored, whoever claimed it and whenever
+    /// (migration 0011). Claims are never deduplicated: two identical ones are harmless.
+    pub async fn claim(
         &self,
         topic: &str,
-        ids: &[&str],
-    ) -> clickhouse::error::Result<Vec<(String, u16, u64)>> {
-        let sql = format!(
-            "SELECT {id}, kafka_partition, kafka_offset FROM {} WHERE {id} IN ? AND kafka_topic = ?",
-            self.table,
-            id = R::ID_COLUMN,
-        );
-        let mut found = Vec::new();
-        for chunk in ids.chunks(IDS_PER_QUERY) {
-            found.extend(
-                self.client
-                    .query(&sql)
-                    .bind(chunk)
-                    .bind(topic)
-                    .with_setting("max_execution_time", self.timeout_secs())
-                    .with_setting("max_query_size", MAX_QUERY_SIZE)
-                    .fetch_all::<(String, u16, u64)>()
-                    .await?,
-            );
+        claims: &[(&str, u16, u64)],
+    ) -> clickhouse::error::Result<HashMap<String, (u16, u64)>> {
+        let mut winners = HashMap::new();
+        if claims.is_empty() {
+            return Ok(winners);
         }
-        Ok(found)
-    }
-
-    /// Links stored clicks and conversions (attribution reads the links, see
-    /// `deploy/clickhouse/0010_conversions.sql`): after a plan of either stream is stored,
-    /// the clicks its rows name or are named by are copied into `conversion_clicks`.
-    /// Each side stores first and looks second, so whichever of a click and its conversion
-    /// is stored last finds the other: the link is made whatever order they arrive in.
-    /// Copying again is harmless (one row per click id).
-    pub async fn link_clicks(&self, clicks: &[&ClickRow]) -> clickhouse::error::Result<()> {
-        if clicks.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<&str> = clicks.iter().map(|c| c.click_id.as_str()).collect();
-        // (click id, conversion key) of the conversions naming these clicks.
-        let mut naming: Vec<(String, String)> = Vec::new();
-        for chunk in ids.chunks(IDS_PER_QUERY) {
-            naming.extend(
-                self.client
-                    .query("SELECT click_id, conversion_key FROM conversions WHERE click_id IN ?")
-                    .bind(chunk)
-                    .with_setting("max_execution_time", self.timeout_secs())
-                    .with_setting("max_query_size", MAX_QUERY_SIZE)
-                    .fetch_all::<(String, String)>()
-                    .await?,
-            );
-        }
-        if naming.is_empty() {
-            return Ok(());
-        }
-        let named: std::collections::HashSet<&str> =
-            naming.iter().map(|(click, _)| click.as_str()).collect();
         let mut insert = self
             .client
-            .insert::<LinkedClick>("conversion_clicks")
+            .insert::<Claim<'_>>("conversion_claims")
             .await?
             .with_setting("async_insert", "0")
+            .with_setting("insert_deduplicate", "0")
             .with_timeouts(Some(self.timeout), Some(self.timeout));
-        for c in clicks
-            .iter()
-            .filter(|c| named.contains(c.click_id.as_str()))
-        {
+        for (key, partition, offset) in claims {
             insert
-                .write(&LinkedClick {
-                    click_id: c.click_id.clone(),
-                    account_id: c.account_id.clone(),
-                    code: c.code.clone(),
-                    landing_path: c.landing_path.clone(),
-                    utm_source: c.utm_source.clone(),
-                    utm_medium: c.utm_medium.clone(),
-                    utm_campaign: c.utm_campaign.clone(),
-                    clicked_at_ms: c.received_at_ms,
+                .write(&Claim {
+                    conversion_key: key,
+                    kafka_topic: topic,
+                    kafka_partition: *partition,
+                    kafka_offset: *offset,
                 })
                 .await?;
         }
         insert.end().await?;
-        let keys: Vec<&str> = naming.iter().map(|(_, key)| key.as_str()).collect();
-        attribution::recompute(
-            &self.client,
-            Scope::Conversions(&keys),
-            &self.timeout_secs(),
-        )
-        .await
+        let keys: Vec<&str> = claims.iter().map(|(key, _, _)| *key).collect();
+        for chunk in keys.chunks(IDS_PER_QUERY) {
+            let rows: Vec<(String, u16, u64)> = query_in(
+                &self.client,
+                "SELECT conversion_key, \
+                 argMin(kafka_partition, (_block_number, kafka_partition, kafka_offset)), \
+                 argMin(kafka_offset, (_block_number, kafka_partition, kafka_offset)) \
+                 FROM conversion_claims WHERE conversion_key IN {ids} AND kafka_topic = ? \
+                 GROUP BY conversion_key",
+                chunk,
+            )
+            .bind(topic)
+            .with_setting("max_execution_time", self.timeout_secs())
+            .with_setting("max_query_size", MAX_QUERY_SIZE)
+            .with_setting("select_sequential_consistency", "1")
+            .fetch_all()
+            .await?;
+            winners.extend(rows.into_iter().map(|(key, p, o)| (key, (p, o))));
+        }
+        Ok(winners)
     }
 
-    /// [`Self::link_clicks`] from the conversions' side: copies the clicks they name. Then,
-    /// on both sides, the attribution of the customers concerned is computed anew
-    /// ([`crate::attribution`]).
-    pub async fn link_conversions(
+    /// The keys of the stored conversions that name any of `click_ids` (an index ordered
+    /// by click id: a few granules per id, whatever is stored).
+    pub async fn conversions_naming(
         &self,
-        conversions: &[&ConversionRow],
-    ) -> clickhouse::error::Result<()> {
-        let keys: Vec<&str> = conversions
-            .iter()
-            .map(|c| c.conversion_key.as_str())
-            .collect();
-        let mut ids: Vec<&str> = conversions
-            .iter()
-            .map(|c| c.click_id.as_str())
-            .filter(|id| !id.is_empty())
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let sql = format!(
-            "INSERT INTO conversion_clicks (click_id, account_id, code, landing_path, \
-             utm_source, utm_medium, utm_campaign, clicked_at_ms) \
-             SELECT click_id, account_id, code, landing_path, utm_source, utm_medium, \
-             utm_campaign, received_at_ms FROM {} WHERE click_id IN ?",
-            self.clicks_table
-        );
-        for chunk in ids.chunks(IDS_PER_QUERY) {
-            self.client
-                .query(&sql)
-                .bind(chunk)
+        click_ids: &[&str],
+    ) -> clickhouse::error::Result<Vec<String>> {
+        let mut keys = Vec::new();
+        for chunk in click_ids.chunks(IDS_PER_QUERY) {
+            keys.extend(
+                query_in(
+                    &self.client,
+                    "SELECT DISTINCT conversion_key FROM conversions_by_click WHERE click_id IN {ids}",
+                    chunk,
+                )
                 .with_setting("max_execution_time", self.timeout_secs())
-                .with_setting("max_query_size", MAX_QUERY_SIZE)
-                .execute()
-                .await?;
+                    .with_setting("max_query_size", MAX_QUERY_SIZE)
+                    .fetch_all::<String>()
+                    .await?,
+            );
         }
-        // Stored and linked: the attribution of their customers is computed anew.
-        attribution::recompute(
-            &self.client,
-            Scope::Conversions(&keys),
-            &self.timeout_secs(),
-        )
-        .await
+        Ok(keys)
+    }
+
+    /// The attribution of the conversions `scope` names, computed anew
+    /// ([`crate::attribution`]).
+    pub async fn attribute(&self, scope: Scope<'_>) -> clickhouse::error::Result<()> {
+        attribution::recompute(&self.client, scope, &self.timeout_secs()).await
     }
 
     /// Records our proposals (one insert for all partitions), each with the group it is
@@ -417,6 +382,23 @@ impl Writer {
                 self.timeout.as_secs().max(1).to_string(),
             )
             .fetch_all()
+            .await
+    }
+
+    /// Conversions stored between a day and a minute ago that have no attribution row:
+    /// zero unless a stored plan was never settled (see [`crate::settle`]). Reads the
+    /// last day only, through indexes ordered by the time stored and by the key.
+    pub async fn unattributed_conversions(&self) -> clickhouse::error::Result<u64> {
+        self.client
+            .query(
+                "SELECT count() FROM conversions_stored \
+                 WHERE stored_at >= now() - INTERVAL 1 DAY AND stored_at < now() - INTERVAL 1 MINUTE \
+                 AND conversion_key NOT IN (SELECT conversion_key FROM conversion_attribution \
+                 WHERE conversion_key IN (SELECT conversion_key FROM conversions_stored \
+                 WHERE stored_at >= now() - INTERVAL 1 DAY))",
+            )
+            .with_setting("max_execution_time", self.timeout_secs())
+            .fetch_one()
             .await
     }
 

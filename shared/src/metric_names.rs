@@ -73,6 +73,8 @@ pub const PLAN_WAITS_TOTAL: &str = "consumer_plan_waits_total";
 pub const PLAN_GROUP_WAITS_TOTAL: &str = "consumer_plan_group_waits_total";
 /// Registry and refusal messages mirrored into ClickHouse or skipped, by kind and result.
 pub const REGISTRY_MIRRORED_TOTAL: &str = "consumer_registry_messages_total"; // labels: kind, result
+/// Conversions stored between a day and a minute ago without an attribution row.
+pub const CONVERSIONS_UNATTRIBUTED: &str = "consumer_conversions_unattributed";
 
 /// Describes the ingest metrics and creates every counter at zero (with its known label
 /// values), so dashboards and alerts see a 0 instead of "no data" on a healthy pipeline.
@@ -209,11 +211,18 @@ pub fn register_ingest() {
 /// Describes the consumer metrics and creates every counter at zero.
 pub fn register_consumer() {
     use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(CONSUMED_TOTAL, "Messages read from the clicks topic");
-    describe_counter!(INSERTED_ROWS_TOTAL, "Rows ClickHouse accepted");
+    describe_counter!(
+        CONSUMED_TOTAL,
+        "Messages read, by stream (clicks, conversions)"
+    );
+    describe_counter!(INSERTED_ROWS_TOTAL, "Rows ClickHouse accepted, by stream");
     describe_counter!(
         DUPLICATES_SKIPPED_TOTAL,
-        "Rows not inserted because they were already stored or repeat a click id"
+        "Rows not inserted because they were already stored, repeat a click id, or are a conversion claimed at another position"
+    );
+    describe_gauge!(
+        CONVERSIONS_UNATTRIBUTED,
+        "Conversions stored between a day and a minute ago that have no attribution"
     );
     describe_counter!(
         DLQ_TOTAL,
@@ -272,9 +281,12 @@ pub fn register_consumer() {
             counter!(REGISTRY_MIRRORED_TOTAL, "kind" => kind, "result" => result).increment(0);
         }
     }
-    counter!(CONSUMED_TOTAL).increment(0);
+    for stream in ["clicks", "conversions"] {
+        counter!(CONSUMED_TOTAL, "stream" => stream).increment(0);
+        counter!(INSERTED_ROWS_TOTAL, "stream" => stream).increment(0);
+    }
     counter!(FETCH_PAUSES_TOTAL).increment(0);
-    counter!(INSERTED_ROWS_TOTAL).increment(0);
+    metrics::gauge!(CONVERSIONS_UNATTRIBUTED).set(0.0);
     counter!(INSERT_ERRORS_TOTAL).increment(0);
     counter!(PLANS_REPLAYED_TOTAL).increment(0);
     counter!(PLAN_WAITS_TOTAL).increment(0);
@@ -282,7 +294,7 @@ pub fn register_consumer() {
     for when in ["revoked", "before_write"] {
         counter!(ROWS_DROPPED_UNWRITTEN_TOTAL, "when" => when).increment(0);
     }
-    for cause in ["already_stored", "same_click_id"] {
+    for cause in ["already_stored", "same_click_id", "claimed_elsewhere"] {
         counter!(DUPLICATES_SKIPPED_TOTAL, "cause" => cause).increment(0);
     }
     for reason in ["malformed", "version", "invalid", "empty"] {

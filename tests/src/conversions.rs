@@ -1,6 +1,7 @@
 //! Conversions in tests: API keys made with the operator command, and posting.
 
 use crate::*;
+use std::time::Duration;
 
 pub const CONVERSIONS_PATH: &str = "/api/v1/referrals/conversions";
 
@@ -90,4 +91,57 @@ impl Scope {
         let (code, out) = self.consumer_command(&args, &test_catalogue()).await;
         assert_eq!(code, 0, "{out}");
     }
+}
+
+/// A click event as ingest publishes it, accepted at `at_ms` for `account`.
+pub fn click_event(click_id: &str, code: &str, account: &str, at_ms: u64) -> Vec<u8> {
+    shared::event::ClickEvent {
+        v: 1,
+        click_id: click_id.to_owned(),
+        code: code.to_owned(),
+        landing_path: "/pricing".into(),
+        utm_source: "news".into(),
+        utm_medium: "email".into(),
+        utm_campaign: "late".into(),
+        ip_hash: format!("{:064x}", rand::random::<u128>()),
+        ua_hash: format!("{:064x}", rand::random::<u128>()),
+        key_id: "e2e1".into(),
+        is_bot: false,
+        received_at_ms: at_ms,
+        account_id: account.to_owned(),
+    }
+    .encode()
+}
+
+/// The attribution of each conversion of `account`: event id → (attribution, click id).
+pub async fn attributions(
+    scope: &Scope,
+    account: &str,
+) -> std::collections::BTreeMap<String, (String, String)> {
+    scope
+        .ch
+        .rows(&format!(
+            "SELECT event_id, attribution, click_id FROM {}.conversions_attributed \
+             WHERE account_id = '{account}' ORDER BY event_id",
+            scope.database
+        ))
+        .await
+        .into_iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            (s("event_id"), (s("attribution"), s("click_id")))
+        })
+        .collect()
+}
+
+pub async fn wait_attribution(scope: &Scope, event: &str, expected: (&str, &str)) {
+    eventually(
+        &format!("{event} attributed as {expected:?}"),
+        Duration::from_secs(30),
+        || async {
+            let got = attributions(scope, &scope.account).await;
+            (got.get(event).map(|(a, c)| (a.as_str(), c.as_str())) == Some(expected)).then_some(())
+        },
+    )
+    .await;
 }

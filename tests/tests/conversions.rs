@@ -311,59 +311,6 @@ async fn a_revoked_key_stops_working_on_every_instance_within_two_seconds() {
     scope.drop_database().await;
 }
 
-/// A click event as ingest publishes it, accepted at `at_ms` for `account`.
-fn click_event(click_id: &str, code: &str, account: &str, at_ms: u64) -> Vec<u8> {
-    shared::event::ClickEvent {
-        v: 1,
-        click_id: click_id.to_owned(),
-        code: code.to_owned(),
-        landing_path: "/pricing".into(),
-        utm_source: "news".into(),
-        utm_medium: "email".into(),
-        utm_campaign: "late".into(),
-        ip_hash: format!("{:064x}", rand::random::<u128>()),
-        ua_hash: format!("{:064x}", rand::random::<u128>()),
-        key_id: "e2e1".into(),
-        is_bot: false,
-        received_at_ms: at_ms,
-        account_id: account.to_owned(),
-    }
-    .encode()
-}
-
-/// The attribution of each conversion of `account`: event id → (attribution, click id).
-async fn attributions(
-    scope: &Scope,
-    account: &str,
-) -> std::collections::BTreeMap<String, (String, String)> {
-    scope
-        .ch
-        .rows(&format!(
-            "SELECT event_id, attribution, click_id FROM {}.conversions_attributed \
-             WHERE account_id = '{account}' ORDER BY event_id",
-            scope.database
-        ))
-        .await
-        .into_iter()
-        .map(|r| {
-            let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
-            (s("event_id"), (s("attribution"), s("click_id")))
-        })
-        .collect()
-}
-
-async fn wait_attribution(scope: &Scope, event: &str, expected: (&str, &str)) {
-    eventually(
-        &format!("{event} attributed as {expected:?}"),
-        Duration::from_secs(30),
-        || async {
-            let got = attributions(scope, &scope.account).await;
-            (got.get(event).map(|(a, c)| (a.as_str(), c.as_str())) == Some(expected)).then_some(())
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conversions_land_once_and_are_attributed_by_the_three_rules_in_any_order() {
     let scope = Scope::new("conv_attr", 2).await;

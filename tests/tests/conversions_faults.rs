@@ -1,7 +1,7 @@
 //! Conversions through the faults the clicks are held to (rows of the fault table): the
 //! consumer killed mid-batch, ClickHouse unreachable, the broker restarted under HTTP
-//! load. Every acknowledged conversion is stored once, repeats of an event included, and
-//! the revenue total is exact.
+//! load. Every acknowledged conversion is stored once, repeats of an event included, the
+//! revenue total is exact, and every stored conversion has its attribution row.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -145,8 +145,21 @@ async fn assert_exactly_reported(
         .collect();
     let lost = expected.keys().filter(|id| !stored.contains(*id)).count() as u64;
     let expected_revenue: u64 = expected.values().sum();
+    // Complete: each stored conversion is attributed (click, customer or none) within
+    // seconds of being stored.
+    let attributed_sql = format!(
+        "SELECT count() FROM {}.conversions_attributed",
+        scope.database
+    );
+    let attributed = eventually_or_last(Duration::from_secs(20), || async {
+        let got = scope.ch.scalar(&attributed_sql).await;
+        (got >= rows, got)
+    })
+    .await;
     report(&FaultRow {
-        fault: &format!("{fault}; revenue {revenue} of {expected_revenue}"),
+        fault: &format!(
+            "{fault}; revenue {revenue} of {expected_revenue}; attributed {attributed} of {rows}"
+        ),
         load,
         sent,
         accepted: expected.len(),
@@ -156,6 +169,26 @@ async fn assert_exactly_reported(
     });
     assert_eq!((rows, unique, lost), (n, n, 0), "{fault}");
     assert_eq!(revenue, expected_revenue, "{fault}: revenue");
+    assert_eq!(
+        attributed, rows,
+        "{fault}: every stored conversion attributed"
+    );
+}
+
+/// Polls `check` (done, value) until done or `timeout`; the last value either way.
+async fn eventually_or_last<F, Fut>(timeout: Duration, mut check: F) -> u64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (bool, u64)>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let (done, value) = check().await;
+        if done || std::time::Instant::now() >= deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -166,10 +199,35 @@ async fn conversions_survive_consumer_sigkill_mid_batch() {
     let mut feeder = Feeder::new(&scope);
     feeder.send(1000, 0).await;
     let mut consumer = ConsumerProc::start(&opts);
+    let count = format!("SELECT count() FROM {}.conversions", scope.database);
+    let stored = || async {
+        scope
+            .ch
+            .try_query(&count)
+            .await
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut before = 0;
     for round in 0..4 {
         // New sales and a repeat of every 7th sale so far (a site retrying).
         feeder.send(800, 7).await;
-        tokio::time::sleep(Duration::from_millis(700 + 200 * round)).await;
+        // The kill lands while batches are being written: rows grew since the last kill,
+        // and sales sent just before it are still to be stored.
+        let at_kill = loop {
+            feeder.send(25, 0).await;
+            let now = stored().await;
+            if now > before {
+                break now;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            at_kill < feeder.sent.len() as u64,
+            "round {round}: everything was stored before the kill"
+        );
+        before = at_kill;
         consumer.proc.kill();
         consumer = ConsumerProc::start(&opts);
     }
@@ -179,7 +237,7 @@ async fn conversions_survive_consumer_sigkill_mid_batch() {
         &scope,
         &feeder.sent,
         "conversions: consumer SIGKILL mid-batch, 4 times, with repeated event ids",
-        "4,200 sales + repeats of every 7th",
+        &format!("{} sales + repeats of every 7th", feeder.sent.len()),
         messages,
     )
     .await;
