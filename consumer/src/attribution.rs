@@ -178,7 +178,7 @@ pub async fn recompute(
         ids.chunks(KEYS_PER_STATEMENT).collect()
     };
     for chunk in chunks {
-        crate::writer::query_in(client, &sql, chunk)
+        crate::idset::query_in(client, &sql, chunk)
             .with_setting("max_execution_time", timeout_secs)
             .with_setting("max_query_size", "4194304")
             .with_setting("async_insert", "0")

@@ -392,10 +392,9 @@ pub struct Config {
 }
 
 /// Conversions that start a flush; at most four times this are held (fetching pauses), so
-/// one flush never holds more. Each flush also links its conversions to their clicks
-/// among all clicks and computes their customers' attribution, which takes seconds for a
-/// few thousand at 100 M clicks (tests/README.md): small flushes keep every one far inside
-/// the flush deadline.
+/// one flush never holds more. Each flush also claims its conversions and computes their
+/// attribution (`crate::settle`), a fraction of a second per 5,000 whatever is stored
+/// (tests/README.md): small flushes keep every one far inside the flush deadline.
 pub const CONVERSIONS_BATCH_MAX_ROWS: usize = 5_000;
 
 impl Config {

@@ -3,6 +3,7 @@
 
 pub mod attribution;
 pub mod config;
+pub mod idset;
 pub mod kafka;
 pub mod keys;
 pub mod migrations;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attribution::{self, Scope};
 use crate::config::Config;
+use crate::idset::query_in;
 use crate::plan::{PlanGroup, PlanRange, RecordedPlan};
 use crate::row::Stored;
 
@@ -52,29 +53,6 @@ struct RecordedRow {
 /// Ids sent in one lookup query (the query text holds them).
 const IDS_PER_QUERY: usize = 5_000;
 
-/// A query whose `{ids}` is the set of `ids`, written as
-/// `(SELECT id FROM format(TSV, 'id String', $$…$$))`: one string literal, which the server
-/// parses several times faster than a literal list of thousands (tests/README.md). An id
-/// holding a character that could end that literal or a TSV field (none of a valid click
-/// id, conversion key or account id does) makes it fall back to a bound list; binds for
-/// any `?` after `{ids}` follow.
-pub fn query_in(client: &Client, template: &str, ids: &[&str]) -> clickhouse::query::Query {
-    let safe = ids
-        .iter()
-        .all(|id| !id.contains(['$', '\t', '\n', '\r', '\\', '?']));
-    if safe {
-        let mut set = String::with_capacity(64 + ids.iter().map(|i| i.len() + 1).sum::<usize>());
-        set.push_str("(SELECT id FROM format(TSV, 'id String', $$");
-        for id in ids {
-            set.push_str(id);
-            set.push('\n');
-        }
-        set.push_str("$$))");
-        client.query(&template.replace("{ids}", &set))
-    } else {
-        client.query(&template.replace("{ids}", "?")).bind(ids)
-    }
-}
 /// Room for [`IDS_PER_QUERY`] ids of the longest kind (conversion keys, ~200 bytes) in the
 /// query text; the server's default is 256 KiB.
 const MAX_QUERY_SIZE: &str = "4194304";
