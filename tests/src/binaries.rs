@@ -139,8 +139,13 @@ pub struct ConsumerProc {
 
 impl ConsumerProc {
     pub fn start(opts: &ConsumerOptions) -> Self {
+        Self::start_binary(bin("consumer"), opts)
+    }
+
+    /// Another build of the consumer (a previous release's, for a benchmark's baseline).
+    pub fn start_binary(binary: PathBuf, opts: &ConsumerOptions) -> Self {
         let addr = free_addr();
-        let mut cmd = Command::new(bin("consumer"));
+        let mut cmd = Command::new(binary);
         cmd.arg("run")
             .env("CONSUMER_LISTEN", addr.to_string())
             .env("CONSUMER_KAFKA_BROKERS", &opts.brokers)

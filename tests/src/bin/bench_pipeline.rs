@@ -767,6 +767,18 @@ async fn bench_consumer(rows: u64) {
             db
         }
     };
+    // BENCH_BASELINE_BIN: another consumer binary (the previous release's), run in the same
+    // rounds as ours, alternating, so a regression shows as a ratio in the run that makes it.
+    let baseline = std::env::var("BENCH_BASELINE_BIN").ok().map(PathBuf::from);
+    let mut baseline_rows: Vec<(f64, f64, f64, f64)> = Vec::new();
+    // A conversions stream beside the clicks: 1 conversion for every 100 clicks, pre-filled
+    // in a topic of its own; the clicks-only runs read an empty one.
+    let no_conversions = format!("{topic}_noconv");
+    let conversions_topic = format!("{topic}_conv");
+    create_topic(&brokers, &no_conversions, 2).await;
+    create_topic(&brokers, &conversions_topic, 2).await;
+    prefill_conversions(&brokers, &conversions_topic, rows / 100).await;
+    let mut beside_rows: Vec<(f64, f64, f64)> = Vec::new();
     let (mut ratios, mut peer_ratios) = (Vec::new(), Vec::new());
     let (mut consumer_rates, mut consume_rates, mut insert_rates, mut peer_rates) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -822,44 +834,69 @@ async fn bench_consumer(rows: u64) {
         drop(events);
         let _ = ch_drop(&ch, &insert_db).await;
 
-        // The consumer itself (its database migrated beforehand, as in production).
-        let database = migrated(unique("bench_consumer")).await;
-        let registry = RegistryTopics::for_topic(&topic);
-        registry.create(&brokers).await;
-        let opts = ConsumerOptions {
-            brokers: brokers.clone(),
-            topic: topic.clone(),
-            registry,
-            group: unique("bench_group"),
-            clickhouse_url: url.clone(),
-            database: database.clone(),
-            // The whole backlog may be in hand: fetching never pauses. tansu's memory
-            // storage cannot answer a fetch from inside a record batch (it skips to the next
-            // batch), which is where a resumed partition fetches from; the durable storage
-            // can (`a_full_buffer_pauses_fetching_and_skips_no_message`). So peak RSS below
-            // includes up to the whole backlog.
-            extra_env: vec![
-                ("LOG_LEVEL".into(), consumer_log_level()),
-                (
-                    "CONSUMER_MAX_BUFFERED_ROWS".into(),
-                    (rows + 1).max(200_000).to_string(),
-                ),
-            ],
+        // The consumer itself (its database migrated beforehand, as in production), then
+        // the baseline binary, then ours with a conversions stream beside the clicks.
+        let run = |binary: PathBuf, conversions: String| {
+            let (topic, brokers, url) = (&topic, &brokers, &url);
+            async move {
+                let database = migrated(unique("bench_consumer")).await;
+                let mut registry = RegistryTopics::for_topic(topic);
+                registry.conversions = conversions;
+                registry.create(brokers).await;
+                let opts = ConsumerOptions {
+                    brokers: brokers.clone(),
+                    topic: topic.clone(),
+                    registry,
+                    group: unique("bench_group"),
+                    clickhouse_url: url.clone(),
+                    database: database.clone(),
+                    // The whole backlog may be in hand: fetching never pauses. tansu's memory
+                    // storage cannot answer a fetch from inside a record batch (it skips to
+                    // the next batch), which is where a resumed partition fetches from; the
+                    // durable storage can (`a_full_buffer_pauses_fetching_and_skips_no_message`).
+                    // So peak RSS below includes up to the whole backlog.
+                    extra_env: vec![
+                        ("LOG_LEVEL".into(), consumer_log_level()),
+                        (
+                            "CONSUMER_MAX_BUFFERED_ROWS".into(),
+                            (rows + 1).max(200_000).to_string(),
+                        ),
+                    ],
+                };
+                let started = Instant::now();
+                let consumer = ConsumerProc::start_binary(binary, &opts);
+                let pid = consumer.proc.child.id();
+                let fill = fill_rate(
+                    &ch_of(url),
+                    &format!("{database}.referral_clicks"),
+                    rows,
+                    started,
+                )
+                .await;
+                let cpu = cpu_secs(pid) / rows as f64 * 1e6;
+                let rss = peak_rss_mib(pid);
+                let (count, uniq) = ch_of(url)
+                    .counts(&format!("{database}.referral_clicks"))
+                    .await;
+                assert_eq!(
+                    (count, uniq),
+                    (rows, rows),
+                    "the consumer wrote every event once"
+                );
+                drop(consumer);
+                let _ = ch_drop(&ch_of(url), &database).await;
+                (fill, cpu, rss)
+            }
         };
-        let started = Instant::now();
-        let consumer = ConsumerProc::start(&opts);
-        let pid = consumer.proc.child.id();
-        let fill = fill_rate(&ch, &format!("{database}.referral_clicks"), rows, started).await;
-        cpu_per_m.push(cpu_secs(pid) / rows as f64 * 1e6);
-        rss = rss.max(peak_rss_mib(pid));
-        let (count, uniq) = ch.counts(&format!("{database}.referral_clicks")).await;
-        assert_eq!(
-            (count, uniq),
-            (rows, rows),
-            "the consumer wrote every event once"
-        );
-        drop(consumer);
-        let _ = ch_drop(&ch, &database).await;
+        let (fill, cpu, peak) = run(bin("consumer"), no_conversions.clone()).await;
+        cpu_per_m.push(cpu);
+        rss = rss.max(peak);
+        if let Some(base) = &baseline {
+            let (base_fill, base_cpu, _) = run(base.clone(), no_conversions.clone()).await;
+            baseline_rows.push((fill.steady, base_fill.steady, cpu, base_cpu));
+        }
+        let (beside, beside_cpu, _) = run(bin("consumer"), conversions_topic.clone()).await;
+        beside_rows.push((fill.steady, beside.steady, beside_cpu));
 
         // The peer: ClickHouse's own Kafka table engine + a materialized view reading the
         // same topic into the same table with the same views (the migrations).
@@ -917,9 +954,77 @@ async fn bench_consumer(rows: u64) {
         );
     }
     println!(
-        "| consumer peak RSS / CPU-seconds per million rows (median) | {rss:.1} MiB / {:.1} s | |",
+        "| consumer peak RSS / CPU-seconds per million rows (median) | {rss:.1} MiB / {:.1} s | ≤ 4 s |",
         median(&mut cpu_per_m)
     );
+    let mut beside_ratio: Vec<f64> = beside_rows
+        .iter()
+        .map(|(alone, with, _)| with / alone)
+        .collect();
+    println!(
+        "| clicks with a conversions stream beside them (1 per 100 clicks) / clicks alone, median of the same-round ratios | **{:.2}** ({:.0} vs {:.0} rows/s; {:.1} CPU-s per M clicks) | ≥ 0.90 |",
+        median(&mut beside_ratio),
+        median(&mut beside_rows.iter().map(|r| r.1).collect::<Vec<_>>()),
+        median(&mut beside_rows.iter().map(|r| r.0).collect::<Vec<_>>()),
+        median(&mut beside_rows.iter().map(|r| r.2).collect::<Vec<_>>()),
+    );
+    if let Some(base) = &baseline {
+        println!("\n| round | this build | baseline ({}) | this / baseline | CPU-s per M: this / baseline |\n|---|---|---|---|---|", base.display());
+        for (i, (ours, theirs, cpu, base_cpu)) in baseline_rows.iter().enumerate() {
+            println!(
+                "| {} | {ours:.0} rows/s | {theirs:.0} rows/s | {:.2} | {cpu:.1} / {base_cpu:.1} |",
+                i + 1,
+                ours / theirs
+            );
+        }
+        let mut r: Vec<f64> = baseline_rows.iter().map(|(a, b, _, _)| a / b).collect();
+        println!(
+            "\n**this build / baseline, median of the same-round ratios: {:.2}**",
+            median(&mut r)
+        );
+    }
+}
+
+/// `n` conversion events (sales of random customers) in `topic`, as ingest publishes them.
+async fn prefill_conversions(brokers: &str, topic: &str, n: u64) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .create()
+        .expect("producer");
+    let now = shared::now_ms();
+    let sends = (0..n).map(|i| {
+        let event = shared::conversion::ConversionEvent {
+            v: 1,
+            kind: shared::conversion::ConversionType::Sale,
+            event_id: format!("inv_{i}"),
+            customer_hash: format!("{:064x}", rand::random::<u128>()),
+            key_id: "k1".into(),
+            click_id: random_click_id(),
+            amount: 4900,
+            currency: "EUR".into(),
+            occurred_at_ms: now,
+            received_at_ms: now,
+            account_id: format!("acct_{}", i % 100),
+            api_key_id: "key_0123456789abcdef".into(),
+        };
+        let (key, payload) = (event.dedup_id(), event.encode());
+        let producer = &producer;
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(topic).key(&key).payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .expect("conversion produced");
+        }
+    });
+    futures::future::join_all(sends).await;
+}
+
+fn ch_of(url: &str) -> ClickHouse {
+    ClickHouse::new(url)
 }
 
 /// The consumer's log level in the benchmarks: `warn`, or `BENCH_CONSUMER_LOG` (the log is

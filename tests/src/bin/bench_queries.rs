@@ -8,8 +8,9 @@
 //!
 //! Conversions: about 1 M (0.7 % of the clicks bring a lead, 70 % of them naming their
 //! click; 40 % of those customers pay a day later without naming it, so the sale is
-//! attributed through the customer), written with SQL from the loaded clicks, then linked
-//! the way the consumer links them; the link lookups are timed too.
+//! attributed through the customer), written with SQL from the loaded clicks (their views
+//! fill the consumer's indexes), then attributed as the consumer attributes them. The
+//! per-flush steps at two data sizes are `bench_link`'s.
 //!
 //!     cargo run --release -p e2e --bin bench_queries -- [ROWS] [--reuse]
 //!
@@ -240,20 +241,8 @@ fn db_url(url: &str) -> String {
     format!("{url}/?database={DATABASE}")
 }
 
-/// Median of 5 runs of `sql` on `db`.
-async fn median(db: &e2e::ClickHouse, sql: &str) -> Duration {
-    let mut times = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        db.query(sql).await;
-        times.push(t.elapsed());
-    }
-    times.sort();
-    times[2]
-}
-
-/// About 1 M conversions over the loaded clicks (see the module doc), `conversion_clicks`
-/// filled as the consumer fills it, and the consumer's per-plan lookups timed.
+/// About 1 M conversions over the loaded clicks (see the module doc), attributed as the
+/// consumer attributes them.
 async fn load_conversions(ch: &e2e::ClickHouse, db_url: &str, config: &consumer::config::Config) {
     let db = e2e::ClickHouse::new(db_url);
     if db
@@ -281,19 +270,9 @@ async fn load_conversions(ch: &e2e::ClickHouse, db_url: &str, config: &consumer:
              FROM ({sampled}) WHERE h % 10 < 4"
         ))
         .await;
-        let loaded = Instant::now();
-        db.query(
-            "INSERT INTO conversion_clicks (click_id, account_id, code, landing_path, utm_source, \
-             utm_medium, utm_campaign, clicked_at_ms) SELECT click_id, account_id, code, landing_path, \
-             utm_source, utm_medium, utm_campaign, received_at_ms FROM referral_clicks \
-             WHERE click_id IN (SELECT click_id FROM conversions WHERE click_id != '') \
-             SETTINGS max_execution_time = 3600",
-        )
-        .await;
         println!(
-            "conversions: written in {:.1} s; conversion_clicks linked in one statement in {:.1} s",
-            (loaded - started).as_secs_f64(),
-            loaded.elapsed().as_secs_f64()
+            "conversions: written in {:.1} s",
+            started.elapsed().as_secs_f64()
         );
     }
     // Attribution as the consumer computes it: all at once here (a backfill), then the
@@ -344,40 +323,9 @@ async fn load_conversions(ch: &e2e::ClickHouse, db_url: &str, config: &consumer:
     let counts = db
         .query("SELECT countIf(type = 'lead'), countIf(type = 'sale'), countIf(click_id != '') FROM conversions FORMAT TSV")
         .await;
-    let linked = db
-        .scalar("SELECT count() FROM conversion_clicks FORMAT TSV")
-        .await;
     println!(
-        "conversions (leads, sales, naming a click): {}; linked clicks: {linked}",
+        "conversions (leads, sales, naming a click): {}",
         counts.trim()
-    );
-    // The consumer's lookups, one plan of 5,000 ids each (writer.rs): conversions naming
-    // clicks → the clicks (bloom filter on 100 M click ids), and clicks → conversions.
-    let ids = db
-        .query("SELECT arrayStringConcat(groupArray(concat('\\'', click_id, '\\'')), ',') FROM (SELECT click_id FROM conversions WHERE click_id != '' ORDER BY cityHash64(click_id) LIMIT 5000) FORMAT TSV")
-        .await;
-    let ids = ids.trim().replace("\\'", "'");
-    let settings = "SETTINGS max_query_size = 4194304 FORMAT Null";
-    let clicks_side = median(
-        &db,
-        &format!("SELECT click_id, account_id, code, landing_path, utm_source, utm_medium, utm_campaign, received_at_ms FROM referral_clicks WHERE click_id IN [{ids}] {settings}"),
-    )
-    .await;
-    let fresh = db
-        .query("SELECT arrayStringConcat(groupArray(concat('\\'', click_id, '\\'')), ',') FROM (SELECT click_id FROM referral_clicks ORDER BY received_at DESC LIMIT 5000) FORMAT TSV")
-        .await;
-    let fresh = fresh.trim().replace("\\'", "'");
-    let conversions_side = median(
-        &db,
-        &format!(
-            "SELECT DISTINCT click_id FROM conversions WHERE click_id IN [{fresh}] {settings}"
-        ),
-    )
-    .await;
-    println!(
-        "link lookups, median of 5: a conversions plan's 5,000 click ids among the clicks {:.0} ms; a clicks plan's 5,000 ids among the conversions {:.0} ms",
-        clicks_side.as_secs_f64() * 1e3,
-        conversions_side.as_secs_f64() * 1e3
     );
     let _ = ch;
 }
