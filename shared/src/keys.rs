@@ -123,8 +123,8 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if name.chars().count() > MAX_NAME_LEN {
         return Err(format!("a key name is at most {MAX_NAME_LEN} characters"));
     }
-    if name.chars().any(char::is_control) {
-        return Err("a key name has no control characters".into());
+    if name.chars().any(crate::click::is_control_or_invisible) {
+        return Err("a key name has no control or invisible format characters".into());
     }
     Ok(())
 }
@@ -184,7 +184,10 @@ mod tests {
         assert_eq!(KeyId::of_secret(&key.secret), Some(key.id.clone()));
         let stored = String::from_utf8(key.record.encode()).expect("json");
         assert!(!stored.contains(&key.secret), "{stored}");
-        assert!(!stored.contains(key.secret.rsplit('_').next().expect("random")));
+        // The random part: after `rk_`, 16 hex digits and `_` (it may hold `_` itself).
+        let random = &key.secret[20..];
+        assert_eq!(random.len(), 32);
+        assert!(!stored.contains(random), "{stored}");
         let record = KeyRecord::decode(stored.as_bytes()).expect("decodes");
         assert!(record.accepts(&key.secret));
         let mut other = key.secret.clone();
@@ -199,7 +202,9 @@ mod tests {
         let a = new_key("acct_1", "").expect("key");
         let b = new_key("acct_1", "").expect("key");
         assert_ne!(a.id, b.id);
-        assert_ne!(a.secret, b.secret);
+        // The random parts, not the whole secrets (which differ by their ids anyway).
+        assert_ne!(a.secret[20..], b.secret[20..]);
+        assert_eq!(&a.secret[3..19], &a.id.as_str()[4..]);
         // `rk_` + 16 hex + `_` + 32 URL-safe characters (192 bits).
         assert_eq!(a.secret.len(), 3 + 16 + 1 + 32);
         assert!(KeyId::parse(a.id.as_str()).is_ok());
@@ -232,6 +237,10 @@ mod tests {
         record.account = "bad id!".into();
         assert!(KeyRecord::decode(&record.encode()).is_err());
         assert!(check_name("line\nbreak").is_err());
+        // Invisible format characters: a right-to-left override, a zero-width space.
+        assert!(check_name("pay\u{202E}lortnoc").is_err());
+        assert!(check_name("check\u{200B}out").is_err());
+        assert!(check_name("checkout server ✓").is_ok());
         assert!(new_key("acct_1", &"x".repeat(101)).is_err());
     }
 }

@@ -148,10 +148,28 @@ fn every_stateful_service_keeps_its_data_on_a_volume() {
             "{service}'s {dir} is not on a volume"
         );
     }
-    let redis = format!("{:?}", config["services"]["redis"]["command"]);
-    assert!(
-        redis.contains("appendonly"),
-        "Redis must keep an append-only file: {redis}"
+    // The command's words: `--appendonly` must be followed by `yes` (`--appendonly no`
+    // keeps nothing).
+    let words: Vec<String> = match &config["services"]["redis"]["command"] {
+        Yaml::Array(items) => items
+            .iter()
+            .map(|w| w.as_str().unwrap_or_default().to_owned())
+            .collect(),
+        other => other
+            .as_str()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    };
+    let appendonly = words
+        .iter()
+        .position(|w| w == "--appendonly")
+        .and_then(|i| words.get(i + 1));
+    assert_eq!(
+        appendonly.map(String::as_str),
+        Some("yes"),
+        "Redis must keep an append-only file: {words:?}"
     );
 }
 

@@ -147,17 +147,42 @@ fn every_relative_link_in_the_markdown_pages_resolves() {
 
 #[test]
 fn nothing_in_the_repository_points_outside_it() {
+    let root = root().canonicalize().expect("root");
+    // An absolute path into the directory that holds the checkout names a sibling of it.
+    let parent = root.parent().map(|p| format!("{}/", p.display()));
     let mut all = Vec::new();
-    files(&root(), &mut all);
+    files(&root, &mut all);
     let mut found = Vec::new();
     for path in all {
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue; // not text
         };
+        let dir = path.parent().unwrap_or(&root).to_path_buf();
         for (n, line) in text.lines().enumerate() {
+            let mut why = Vec::new();
             // Built from parts, so this file does not match itself.
             if line.contains(concat!("..", "/shared/")) || line.contains(concat!("SPEC", ".md")) {
-                found.push(format!("{}:{}: {line}", path.display(), n + 1));
+                why.push("the working documents".to_owned());
+            }
+            for token in path_tokens(line).filter(|t| t.contains("../")) {
+                let start = token.find("../").unwrap_or(0);
+                if !stays_inside(&dir, &token[start..], &root) {
+                    why.push(format!("{token} leaves the repository"));
+                }
+            }
+            if let Some(parent) = &parent {
+                let inside = format!("{}/", root.display());
+                if line.contains(parent.as_str()) && !line.contains(&inside) {
+                    why.push(format!("an absolute path under {parent}"));
+                }
+            }
+            if !why.is_empty() {
+                found.push(format!(
+                    "{}:{}: {}: {line}",
+                    path.display(),
+                    n + 1,
+                    why.join("; ")
+                ));
             }
         }
     }
@@ -166,6 +191,50 @@ fn nothing_in_the_repository_points_outside_it() {
         "references outside the repository:\n{}",
         found.join("\n")
     );
+}
+
+/// The path-like words of a line (letters, digits and `._/-`).
+fn path_tokens(line: &str) -> impl Iterator<Item = &str> {
+    line.split(|c: char| !(c.is_ascii_alphanumeric() || "._/-".contains(c)))
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether `relative`, read from `dir`, names a place inside `root` (resolved by its
+/// words, without touching the file system).
+fn stays_inside(dir: &Path, relative: &str, root: &Path) -> bool {
+    let mut at: Vec<String> = dir
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    for part in relative.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                at.pop();
+            }
+            p => at.push(p.to_owned()),
+        }
+    }
+    let resolved: PathBuf = at.iter().collect();
+    resolved.starts_with(root)
+}
+
+#[test]
+fn a_path_that_leaves_the_repository_is_seen() {
+    let root = Path::new("/r/repo");
+    assert!(stays_inside(
+        Path::new("/r/repo/deploy/local"),
+        "../../README.md",
+        root
+    ));
+    assert!(!stays_inside(
+        Path::new("/r/repo/deploy"),
+        "../../elsewhere/notes.md",
+        root
+    ));
+    assert!(!stays_inside(Path::new("/r/repo"), "../x", root));
+    let tokens: Vec<&str> = path_tokens("see [x](../../a/b.md) and `cd ../..`").collect();
+    assert_eq!(tokens, ["see", "x", "../../a/b.md", "and", "cd", "../.."]);
 }
 
 /// The environment variables a binary accepts, as its `--help` lists them.
