@@ -58,7 +58,7 @@ pub fn dashboard_sql_panels() -> Vec<(String, String, String)> {
 
 /// Runs every SQL panel of dashboard `uid` over `[from, to]` and compares each with its
 /// expected rows (TSV cells; `<hour>`: any whole hour; `~N`: an estimate within max(2, 5 %);
-/// `<any>`: a value that depends on timing).
+/// `<any>`: a value that depends on timing; `<secs>N`: N seconds, to the millisecond).
 pub async fn check_dashboard(
     db: &ClickHouse,
     uid: &str,
@@ -71,6 +71,22 @@ pub async fn check_dashboard(
         .filter(|(u, _, _)| u == uid)
         .collect();
     assert!(!panels.is_empty(), "no SQL panels in {uid}");
+    // Every panel has an expected answer and every expected answer a panel.
+    let shown: std::collections::BTreeSet<String> = panels
+        .iter()
+        .filter_map(|(_, _, sql)| {
+            queries
+                .iter()
+                .find(|(_, q)| *q == sql)
+                .map(|(n, _)| n.clone())
+        })
+        .collect();
+    let wanted: std::collections::BTreeSet<String> =
+        expected.keys().map(|k| (*k).to_owned()).collect();
+    assert_eq!(
+        shown, wanted,
+        "{uid}: the panels and the expected answers differ"
+    );
     for (_, title, sql) in &panels {
         let name = queries
             .iter()
@@ -94,7 +110,17 @@ pub async fn check_dashboard(
                 if wc == "<any>" {
                     continue;
                 }
-                if wc == "<hour>" {
+                if let Some(secs) = wc.strip_prefix("<secs>") {
+                    // Seconds computed by the test from the raw times (ms precision).
+                    let (g, w): (f64, f64) = (
+                        gc.parse().unwrap_or(f64::NAN),
+                        secs.parse().expect("number"),
+                    );
+                    assert!(
+                        (g - w).abs() < 0.0015 && g > 0.0,
+                        "{name}: {gc} seconds, expected {w}"
+                    );
+                } else if wc == "<hour>" {
                     assert!(gc.ends_with(":00:00"), "{name}: {gc} is not an hour");
                 } else if let Some(approx) = wc.strip_prefix('~') {
                     let (g, w): (f64, f64) =

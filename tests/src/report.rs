@@ -9,9 +9,10 @@ pub struct FaultRow<'a> {
     pub sent: usize,
     /// 2xx answers (HTTP) or broker acknowledgements (events produced directly).
     pub accepted: usize,
-    pub rows: u64,
-    pub duplicates: u64,
-    pub lost: u64,
+    /// `None`: not measured by that test (printed `–`).
+    pub rows: Option<u64>,
+    pub duplicates: Option<u64>,
+    pub lost: Option<u64>,
 }
 
 /// Appends a row to `$E2E_REPORT` (default `target/fault-report.md`) and prints it.
@@ -22,9 +23,16 @@ pub fn report(row: &FaultRow<'_>) {
         .unwrap_or_else(|_| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fault-report.md")
         });
+    let cell = |v: Option<u64>| v.map_or_else(|| "–".to_owned(), |v| v.to_string());
     let line = format!(
         "| {} | {} | {} | {} | {} | {} | {} |\n",
-        row.fault, row.load, row.sent, row.accepted, row.rows, row.duplicates, row.lost
+        row.fault,
+        row.load,
+        row.sent,
+        row.accepted,
+        cell(row.rows),
+        cell(row.duplicates),
+        cell(row.lost)
     );
     print!("REPORT {line}");
     if let Ok(mut f) = std::fs::OpenOptions::new()

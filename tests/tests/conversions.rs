@@ -77,19 +77,23 @@ async fn the_endpoint_checks_keys_fields_and_rate_and_publishes_once_acknowledge
     )
     .await;
     assert_eq!(s.status, 200, "{}", s.text);
-    let published = read_topic(
+    // The whole topic: each accepted conversion published once, nothing else.
+    let published = read_whole_topic(
         &scope.brokers,
         &scope.registry.conversions,
-        2,
         Duration::from_secs(10),
     );
-    let keys: Vec<String> = published
+    let mut keys: Vec<String> = published
         .iter()
         .map(|r| String::from_utf8_lossy(&r.key).into_owned())
         .collect();
-    assert!(
-        keys.contains(&format!("{}/sale/inv_1", scope.account)),
-        "{keys:?}"
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            format!("{}/lead/signup_1", scope.account),
+            format!("{}/sale/inv_1", scope.account)
+        ]
     );
     for r in &published {
         let text = String::from_utf8_lossy(&r.payload);
@@ -246,6 +250,25 @@ async fn the_endpoint_checks_keys_fields_and_rate_and_publishes_once_acknowledge
                       "occurred_at": "2026-01-01T00:00:00+01:00", "unknown": true});
     let at_full = post_conversion(&client, &ingest, &secret, &full).await;
     assert_eq!(at_full.status, 200, "{}", at_full.text);
+    let full_key = format!("{}/sale/inv:2024-09.7", scope.account);
+    let record = read_whole_topic(
+        &scope.brokers,
+        &scope.registry.conversions,
+        Duration::from_secs(10),
+    )
+    .into_iter()
+    .find(|r| r.key == full_key.as_bytes())
+    .expect("the sale published");
+    let (event, _) =
+        shared::conversion::ConversionEvent::decode(&record.payload).expect("an event");
+    assert_eq!(
+        (
+            event.currency.as_str(),
+            event.occurred_at_ms,
+            event.click_id.as_str()
+        ),
+        ("USD", 1_767_222_000_000, "refclk_x")
+    );
 
     // The per-key limit (60 a minute, burst 40 here): a 429 naming `key_rate`.
     let mut limited = None;
@@ -433,7 +456,13 @@ async fn conversions_land_once_and_are_attributed_by_the_three_rules_in_any_orde
         (scope.ch.scalar(&count_s9).await == 1).then_some(())
     })
     .await;
-    consumer.proc.terminate(Duration::from_secs(30));
+    // The restart must really end the first process: its retry window goes with it.
+    let exited = consumer.proc.terminate(Duration::from_secs(30));
+    assert!(
+        exited.is_some_and(|status| status.success()),
+        "the consumer did not stop on SIGTERM: {exited:?}"
+    );
+    drop(consumer);
     let consumer = ConsumerProc::start(&scope.consumer_options());
     consumer.ready().await;
     for _ in 0..3 {
@@ -443,10 +472,11 @@ async fn conversions_land_once_and_are_attributed_by_the_three_rules_in_any_orde
         "the three repeats skipped",
         Duration::from_secs(30),
         || async {
+            // Conversions only: clicks never skip a row for its claim.
             let skipped = metric_or_zero(
                 &consumer.url("/metrics"),
                 "consumer_duplicates_skipped_total",
-                "",
+                "cause=\"claimed_elsewhere\"",
             )
             .await;
             (skipped >= 3.0).then_some(())
@@ -583,6 +613,40 @@ async fn the_conversions_dashboard_answers_the_known_data_set() {
     )
     .await;
 
+    // Time to convert, from the raw times: each attributed conversion and its click.
+    let at = |sql: &str| {
+        let db = &db;
+        let sql = sql.to_owned();
+        async move {
+            db.query(&format!("{sql} FORMAT TSV"))
+                .await
+                .lines()
+                .map(|l| {
+                    let (k, v) = l.split_once('\t').expect("two columns");
+                    (k.to_owned(), v.parse::<i64>().expect("ms"))
+                })
+                .collect::<std::collections::BTreeMap<String, i64>>()
+        }
+    };
+    let clicked = at("SELECT click_id, received_at_ms FROM referral_clicks").await;
+    let occurred = at("SELECT event_id, occurred_at_ms FROM conversions").await;
+    let secs = |event: &str, click: &str| (occurred[event] - clicked[click]) as f64 / 1000.0;
+    // ClickHouse's quantileExact(0.5): the value at position n / 2 of the sorted values.
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        format!("<secs>{}", v[v.len() / 2])
+    };
+    let max = |v: Vec<f64>| format!("<secs>{}", v.into_iter().fold(f64::MIN, f64::max));
+    let (l1, s1, l2, s2) = (
+        secs("L1", "refclk_k1"),
+        secs("S1", "refclk_k1"),
+        secs("L2", "refclk_k3"),
+        secs("S2", "refclk_k3"),
+    );
+    let (leads_median, leads_max) = (median(vec![l1, l2]), max(vec![l1, l2]));
+    let (s2_cell, s1_cell) = (median(vec![s2]), median(vec![s1]));
+    let all_median = median(vec![l1, s1, l2, s2]);
+    let (k1_median, k3_median) = (median(vec![l1, s1]), median(vec![l2, s2]));
     let rows = |r: &[&[&str]]| -> Vec<Vec<String>> {
         r.iter()
             .map(|row| row.iter().map(|c| (*c).to_owned()).collect())
@@ -605,10 +669,10 @@ async fn the_conversions_dashboard_answers_the_known_data_set() {
     expected.insert(
         "conversions_attribution",
         rows(&[
-            &["lead", "click", "2", "0.6667", "<any>", "<any>"],
+            &["lead", "click", "2", "0.6667", &leads_median, &leads_max],
             &["lead", "none", "1", "0.3333", "\\N", "\\N"],
-            &["sale", "click", "1", "0.3333", "<any>", "<any>"],
-            &["sale", "customer", "1", "0.3333", "<any>", "<any>"],
+            &["sale", "click", "1", "0.3333", &s2_cell, &s2_cell],
+            &["sale", "customer", "1", "0.3333", &s1_cell, &s1_cell],
             &["sale", "none", "1", "0.3333", "\\N", "\\N"],
         ]),
     );
@@ -623,7 +687,7 @@ async fn the_conversions_dashboard_answers_the_known_data_set() {
             "0.5",
             "EUR 5300, USD 1000",
             "EUR 1325, USD 250",
-            "<any>",
+            &all_median,
             "0.3333",
         ]]),
     );
@@ -631,7 +695,7 @@ async fn the_conversions_dashboard_answers_the_known_data_set() {
         "conversions_by_code",
         rows(&[
             &[
-                DOCS_CODE, "2", "1", "1", "0.5", "0.5", "EUR 5000", "EUR 2500", "<any>",
+                DOCS_CODE, "2", "1", "1", "0.5", "0.5", "EUR 5000", "EUR 2500", &k1_median,
             ],
             &[
                 second_code,
@@ -642,7 +706,7 @@ async fn the_conversions_dashboard_answers_the_known_data_set() {
                 "0.5",
                 "USD 1000",
                 "USD 500",
-                "<any>",
+                &k3_median,
             ],
         ]),
     );
@@ -650,11 +714,12 @@ async fn the_conversions_dashboard_answers_the_known_data_set() {
         "conversions_by_utm",
         rows(&[
             &[
-                "ads", "cpc", "launch", "2", "1", "1", "0.5", "0.5", "USD 1000", "USD 500", "<any>",
+                "ads", "cpc", "launch", "2", "1", "1", "0.5", "0.5", "USD 1000", "USD 500",
+                &k3_median,
             ],
             &[
                 "news", "email", "spring", "2", "1", "1", "0.5", "0.5", "EUR 5000", "EUR 2500",
-                "<any>",
+                &k1_median,
             ],
         ]),
     );
@@ -662,14 +727,64 @@ async fn the_conversions_dashboard_answers_the_known_data_set() {
         "conversions_by_landing_path",
         rows(&[
             &[
-                "/blog", "2", "1", "1", "0.5", "0.5", "USD 1000", "USD 500", "<any>",
+                "/blog", "2", "1", "1", "0.5", "0.5", "USD 1000", "USD 500", &k3_median,
             ],
             &[
-                "/pricing", "2", "1", "1", "0.5", "0.5", "EUR 5000", "EUR 2500", "<any>",
+                "/pricing", "2", "1", "1", "0.5", "0.5", "EUR 5000", "EUR 2500", &k1_median,
             ],
         ]),
     );
     let now = shared::now_ms() / 1000;
     check_dashboard(&db, "conversions", &expected, (now - 86_400, now + 5)).await;
+    scope.drop_database().await;
+}
+
+/// The 200 comes only after the broker acknowledged the conversion: with the broker
+/// frozen, the answer waits; once it thaws, the answer is 200 and the record is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversion_is_answered_only_after_the_broker_acknowledged_it() {
+    let broker = PrivateBroker::start().await;
+    let scope = Scope::with_brokers("conv_ack", 1, &broker.brokers()).await;
+    let (_, secret) = scope.create_key(&scope.account).await;
+    let ingest = Ingest::start(&scope.ingest_options());
+    ingest.ready().await;
+    let pid = broker.pid().expect("broker pid").to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    let posting = tokio::spawn(async move {
+        let answer = post_conversion(&http(), &ingest, &secret, &lead("held_1", "ann", None)).await;
+        (answer.status, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !posting.is_finished(),
+        "answered while the broker was frozen"
+    );
+    let thawed = Instant::now();
+    signal("-CONT");
+    let (status, answered) = tokio::time::timeout(Duration::from_secs(20), posting)
+        .await
+        .expect("answered after the thaw")
+        .expect("task");
+    assert_eq!(status, 200);
+    assert!(answered >= thawed);
+    let keys: Vec<Vec<u8>> = read_whole_topic(
+        &scope.brokers,
+        &scope.registry.conversions,
+        Duration::from_secs(10),
+    )
+    .into_iter()
+    .map(|r| r.key)
+    .collect();
+    assert_eq!(
+        keys,
+        [format!("{}/lead/held_1", scope.account).into_bytes()]
+    );
     scope.drop_database().await;
 }

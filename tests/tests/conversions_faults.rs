@@ -163,9 +163,9 @@ async fn assert_exactly_reported(
         load,
         sent,
         accepted: expected.len(),
-        rows,
-        duplicates: rows - unique,
-        lost,
+        rows: Some(rows),
+        duplicates: Some(rows - unique),
+        lost: Some(lost),
     });
     assert_eq!((rows, unique, lost), (n, n, 0), "{fault}");
     assert_eq!(revenue, expected_revenue, "{fault}: revenue");
@@ -306,6 +306,7 @@ async fn conversions_survive_a_broker_restart_under_http_load() {
     ingest_opts.extra_env = vec![
         ("INGEST_KEY_RATE_PER_MINUTE".into(), "1000000".into()),
         ("INGEST_KEY_RATE_BURST".into(), "1000000".into()),
+        ("INGEST_PRODUCE_TIMEOUT_MS".into(), "1000".into()),
     ];
     let ingest = Ingest::start(&ingest_opts);
     ingest.ready().await;
@@ -342,6 +343,10 @@ async fn conversions_survive_a_broker_restart_under_http_load() {
     let restarts = 1 + soak_secs() / 5;
     for _ in 0..restarts {
         tokio::time::sleep(Duration::from_secs(2)).await;
+        // Down longer than ingest's produce timeout: some posts must be refused (503) and
+        // retried, so that path runs in every run.
+        broker.stop();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         broker.restart().await;
     }
     let (accepted, posts, refused, _ingest) = load.await.expect("load");
@@ -349,6 +354,10 @@ async fn conversions_survive_a_broker_restart_under_http_load() {
         accepted.len() > 50,
         "{} accepted, {refused} refused",
         accepted.len()
+    );
+    assert!(
+        refused > 0,
+        "no post was refused: the broker-down path never ran"
     );
     assert_exactly_reported(
         &scope,
