@@ -766,7 +766,7 @@ impl Flusher {
         };
         let (stored, mut error) = self.stored_rows(partitions, &routes).await;
         let plan = plan_inserts(topic, partitions, &routes, &stored, &claimed_elsewhere);
-        plan.count();
+        plan.count(R::STREAM);
         let results = self
             .run_inserts(partitions, &plan.jobs, &claimed_elsewhere)
             .await;
@@ -976,14 +976,15 @@ struct InsertPlan {
 }
 
 impl InsertPlan {
-    fn count(&self) {
+    fn count(&self, stream: Stream) {
+        let stream = stream.label();
         metrics::counter!(m::PLAN_GROUP_WAITS_TOTAL).increment(self.group_waits);
         metrics::counter!(m::PLANS_REPLAYED_TOTAL).increment(self.replayed);
-        metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "already_stored")
+        metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "stream" => stream, "cause" => "already_stored")
             .increment(self.skipped_stored);
-        metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "same_click_id")
+        metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "stream" => stream, "cause" => "same_click_id")
             .increment(self.skipped_repeat);
-        metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "cause" => "claimed_elsewhere")
+        metrics::counter!(m::DUPLICATES_SKIPPED_TOTAL, "stream" => stream, "cause" => "claimed_elsewhere")
             .increment(self.skipped_claimed);
     }
 }

@@ -50,7 +50,7 @@ pub const LIMITS_INSTANCES: &str = "ingest_limits_instances";
 // consumer
 pub const CONSUMED_TOTAL: &str = "consumer_messages_consumed_total";
 pub const INSERTED_ROWS_TOTAL: &str = "consumer_rows_inserted_total";
-pub const DUPLICATES_SKIPPED_TOTAL: &str = "consumer_duplicates_skipped_total"; // labels: cause
+pub const DUPLICATES_SKIPPED_TOTAL: &str = "consumer_duplicates_skipped_total"; // labels: stream, cause
 pub const DLQ_TOTAL: &str = "consumer_dead_letters_total"; // labels: reason
 pub const BATCH_ROWS: &str = "consumer_batch_rows";
 pub const INSERT_DURATION: &str = "consumer_insert_duration_seconds";
@@ -294,8 +294,10 @@ pub fn register_consumer() {
     for when in ["revoked", "before_write"] {
         counter!(ROWS_DROPPED_UNWRITTEN_TOTAL, "when" => when).increment(0);
     }
-    for cause in ["already_stored", "same_click_id", "claimed_elsewhere"] {
-        counter!(DUPLICATES_SKIPPED_TOTAL, "cause" => cause).increment(0);
+    for stream in ["clicks", "conversions"] {
+        for cause in ["already_stored", "same_click_id", "claimed_elsewhere"] {
+            counter!(DUPLICATES_SKIPPED_TOTAL, "stream" => stream, "cause" => cause).increment(0);
+        }
     }
     for reason in ["malformed", "version", "invalid", "empty"] {
         counter!(DLQ_TOTAL, "reason" => reason).increment(0);

@@ -472,11 +472,11 @@ async fn conversions_land_once_and_are_attributed_by_the_three_rules_in_any_orde
         "the three repeats skipped",
         Duration::from_secs(30),
         || async {
-            // Conversions only: clicks never skip a row for its claim.
+            // The conversions stream's skips only (claimed elsewhere, or repeated in a plan).
             let skipped = metric_or_zero(
                 &consumer.url("/metrics"),
                 "consumer_duplicates_skipped_total",
-                "cause=\"claimed_elsewhere\"",
+                "stream=\"conversions\"",
             )
             .await;
             (skipped >= 3.0).then_some(())
