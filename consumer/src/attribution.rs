@@ -24,11 +24,22 @@
 
 use clickhouse::Client;
 
+/// A conversion a change touched, as the seed of a computation: its customer (account
+/// and customer hash) and when it occurred. The customer's conversions from then on are
+/// computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    pub account_id: String,
+    pub customer_hash: [u8; 32],
+    pub occurred_at_ms: u64,
+}
+
 /// Which conversions to compute.
 #[derive(Debug, Clone, Copy)]
 pub enum Scope<'a> {
-    /// These conversions (conversion keys) and their customers' later ones.
-    Conversions(&'a [&'a str]),
+    /// The seeds' customers, each from its earliest seed on. The seeds come as data, from
+    /// the rows in hand or an index, so nothing is looked up by conversion key.
+    Customers(&'a [Seed]),
     /// Every conversion of these accounts.
     Accounts(&'a [&'a str]),
     /// Everything (a backfill).
@@ -144,9 +155,9 @@ SELECT * EXCEPT (earlier) FROM
 ";
 
 /// The seeds of each scope: the customers to compute, and from when.
-const SEEDS_OF_CONVERSIONS: &str =
-    "SELECT account_id, customer_hash, min(occurred_at_ms) AS from_ms \
-     FROM conversions WHERE conversion_key IN {ids} GROUP BY account_id, customer_hash";
+const SEEDS_OF_CUSTOMERS: &str = "SELECT account_id, toFixedString(unhex(customer), 32) AS customer_hash, \
+     min(from_ms) AS from_ms FROM format(TSV, 'account_id String, customer String, from_ms UInt64', $${rows}$$) \
+     GROUP BY account_id, customer_hash";
 const SEEDS_OF_ACCOUNTS: &str = "SELECT account_id, customer_hash, toUInt64(0) AS from_ms \
      FROM conversions_by_customer WHERE account_id IN {ids} GROUP BY account_id, customer_hash";
 const SEEDS_OF_ALL: &str = "SELECT account_id, customer_hash, toUInt64(0) AS from_ms \
@@ -167,7 +178,12 @@ pub async fn recompute(
 ) -> clickhouse::error::Result<()> {
     let (seeds, ids) = match scope {
         Scope::All => (SEEDS_OF_ALL, &[][..]),
-        Scope::Conversions(keys) => (SEEDS_OF_CONVERSIONS, keys),
+        Scope::Customers(seeds) => {
+            for chunk in seeds.chunks(KEYS_PER_STATEMENT) {
+                run_statement(client, &statement(&customers_sql(chunk)), &[], timeout_secs).await?;
+            }
+            return Ok(());
+        }
         Scope::Accounts(accounts) => (SEEDS_OF_ACCOUNTS, accounts),
     };
     let sql = statement(seeds);
@@ -178,14 +194,45 @@ pub async fn recompute(
         ids.chunks(KEYS_PER_STATEMENT).collect()
     };
     for chunk in chunks {
-        crate::idset::query_in(client, &sql, chunk)
-            .with_setting("max_execution_time", timeout_secs)
-            .with_setting("max_query_size", "4194304")
-            .with_setting("async_insert", "0")
-            .execute()
-            .await?;
+        run_statement(client, &sql, chunk, timeout_secs).await?;
     }
     Ok(())
+}
+
+async fn run_statement(
+    client: &Client,
+    sql: &str,
+    ids: &[&str],
+    timeout_secs: &str,
+) -> clickhouse::error::Result<()> {
+    crate::idset::query_in(client, sql, ids)
+        .with_setting("max_execution_time", timeout_secs)
+        .with_setting("max_query_size", "16777216")
+        .with_setting("async_insert", "0")
+        .execute()
+        .await
+}
+
+/// The seeds as rows of TSV in the statement (account ids are `A-Za-z0-9_-`, hashes hex):
+/// the server reads them as one literal.
+fn customers_sql(seeds: &[Seed]) -> String {
+    let mut rows = String::with_capacity(seeds.len() * 96);
+    for seed in seeds {
+        if !seed
+            .account_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            continue; // not an account id: no conversion of it is stored
+        }
+        rows.push_str(&seed.account_id);
+        rows.push('\t');
+        rows.push_str(&hex::encode(seed.customer_hash));
+        rows.push('\t');
+        rows.push_str(&seed.occurred_at_ms.to_string());
+        rows.push('\n');
+    }
+    SEEDS_OF_CUSTOMERS.replace("{rows}", &rows)
 }
 
 #[cfg(test)]
@@ -194,12 +241,24 @@ mod tests {
 
     #[test]
     fn every_scope_fills_the_seeds_and_the_allowance() {
-        for seeds in [SEEDS_OF_CONVERSIONS, SEEDS_OF_ACCOUNTS, SEEDS_OF_ALL] {
+        let seed = Seed {
+            account_id: "acct_1".into(),
+            customer_hash: [0xab; 32],
+            occurred_at_ms: 42,
+        };
+        let bad = Seed {
+            account_id: "a$$b".into(),
+            ..seed.clone()
+        };
+        let customers = customers_sql(&[seed, bad]);
+        assert!(customers.contains(&format!("$$acct_1\t{}\t42\n$$", "ab".repeat(32))));
+        assert!(!customers.contains("a$$b"));
+        for seeds in [customers.as_str(), SEEDS_OF_ACCOUNTS, SEEDS_OF_ALL] {
             let sql = statement(seeds);
             assert_eq!(sql.contains("{ids}"), seeds.contains("{ids}"), "{sql}");
             assert!(!sql.replace("{ids}", "").contains('{'), "{sql}");
             assert!(!sql.contains('?'), "{sql}");
-            assert!(sql.contains("seeds AS (SELECT account_id, customer_hash"));
+            assert!(sql.contains("seeds AS (SELECT account_id, "), "{sql}");
         }
     }
 }

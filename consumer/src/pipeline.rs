@@ -900,8 +900,8 @@ impl Flusher {
                     if result.is_ok() {
                         // Stored, then settled: a failed settle fails the insert, which is
                         // sent again (a no-op) and settled again before the commit.
-                        let ids = rows_to_settle(agreed, plans, claimed_elsewhere);
-                        if let Err(e) = settle::after_store(writer, R::STREAM, &ids).await {
+                        let settled = rows_to_settle(agreed, plans, claimed_elsewhere);
+                        if let Err(e) = settle::after_store(writer, &settled).await {
                             result = Err(e);
                         }
                     }
@@ -1075,13 +1075,13 @@ fn rows_to_insert<'a, R: Stored>(
     out
 }
 
-/// The ids of one insert's rows to settle ([`settle`]): every row of its plans stored at
-/// its own position, sent now or by an earlier attempt; each id once.
+/// One insert's rows to settle ([`settle`]): every row of its plans stored at its own
+/// position, sent now or by an earlier attempt; each id once.
 fn rows_to_settle<'a, R: Stored>(
     agreed: &'a Partitions<R>,
     plans: &[(i32, Vec<bool>)],
     claimed_elsewhere: &Positions,
-) -> Vec<&'a str> {
+) -> Vec<&'a R> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for (partition, _) in plans {
@@ -1090,7 +1090,7 @@ fn rows_to_settle<'a, R: Stored>(
                 if !claimed_elsewhere.contains(&(*partition, row.kafka_offset()))
                     && seen.insert(row.id())
                 {
-                    out.push(row.id());
+                    out.push(row);
                 }
             }
         }
@@ -1215,14 +1215,14 @@ mod tests {
         assert_eq!(plan.jobs[1].plans, vec![(1, vec![false, true, true])]);
         assert_eq!((plan.skipped_claimed, plan.skipped_repeat), (1, 1));
         // Settled: everything stored at its own position, sent now or before; not the repeat.
-        assert_eq!(
-            rows_to_settle(&partitions, &plan.jobs[0].plans, &elsewhere),
-            ["refclk_0_0", "refclk_0_1", "refclk_0_2"]
-        );
-        assert_eq!(
-            rows_to_settle(&partitions, &plan.jobs[1].plans, &elsewhere),
-            ["refclk_1_1", "refclk_1_2"]
-        );
+        let settled = |job: usize| -> Vec<&str> {
+            rows_to_settle(&partitions, &plan.jobs[job].plans, &elsewhere)
+                .iter()
+                .map(|r| r.click_id.as_str())
+                .collect()
+        };
+        assert_eq!(settled(0), ["refclk_0_0", "refclk_0_1", "refclk_0_2"]);
+        assert_eq!(settled(1), ["refclk_1_1", "refclk_1_2"]);
     }
 
     #[test]

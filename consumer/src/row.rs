@@ -46,6 +46,10 @@ pub trait Stored: RowOwned + RowWrite + Sized + Send + Sync + std::fmt::Debug + 
     /// The same, in seconds (the table's `received_at`).
     fn received_at(&self) -> u32;
     fn kafka_offset(&self) -> u64;
+    /// A conversion's customer and time, where attribution starts from ([`crate::settle`]).
+    fn seed(&self) -> Option<crate::attribution::Seed> {
+        None
+    }
 }
 
 impl Stored for ClickRow {
@@ -141,6 +145,13 @@ impl Stored for ConversionRow {
     }
     fn kafka_offset(&self) -> u64 {
         self.kafka_offset
+    }
+    fn seed(&self) -> Option<crate::attribution::Seed> {
+        Some(crate::attribution::Seed {
+            account_id: self.account_id.clone(),
+            customer_hash: self.customer_hash,
+            occurred_at_ms: self.occurred_at_ms,
+        })
     }
 }
 

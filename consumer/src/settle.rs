@@ -17,28 +17,23 @@
 //!   a click plan that no conversion names costs one lookup and no write.
 
 use crate::attribution::Scope;
-use crate::row::Stream;
+use crate::row::{Stored, Stream};
 use crate::writer::Writer;
 
-/// Settles the rows of one stored plan: `ids` are the rows' ids (click ids, or conversion
-/// keys), each stored at its own position.
-pub async fn after_store(
-    writer: &Writer,
-    stream: Stream,
-    ids: &[&str],
-) -> clickhouse::error::Result<()> {
-    if ids.is_empty() {
+/// Settles the rows of one stored plan, each stored at its own position.
+pub async fn after_store<R: Stored>(writer: &Writer, rows: &[&R]) -> clickhouse::error::Result<()> {
+    if rows.is_empty() {
         return Ok(());
     }
-    match stream {
-        Stream::Conversions => writer.attribute(Scope::Conversions(ids)).await,
+    let seeds = match R::STREAM {
+        Stream::Conversions => rows.iter().filter_map(|r| r.seed()).collect(),
         Stream::Clicks => {
-            let keys = writer.conversions_naming(ids).await?;
-            if keys.is_empty() {
-                return Ok(());
-            }
-            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            writer.attribute(Scope::Conversions(&keys)).await
+            let ids: Vec<&str> = rows.iter().map(|r| r.id()).collect();
+            writer.conversions_naming(&ids).await?
         }
+    };
+    if seeds.is_empty() {
+        return Ok(());
     }
+    writer.attribute(Scope::Customers(&seeds)).await
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
-use crate::attribution::{self, Scope};
+use crate::attribution::{self, Scope, Seed};
 use crate::config::Config;
 use crate::idset::query_in;
 use crate::plan::{PlanGroup, PlanRange, RecordedPlan};
@@ -144,27 +144,38 @@ impl Writer {
         Ok(winners)
     }
 
-    /// The keys of the stored conversions that name any of `click_ids` (an index ordered
-    /// by click id: a few granules per id, whatever is stored).
+    /// The stored conversions that name any of `click_ids`, as attribution seeds (an index
+    /// ordered by click id: a few granules per id, whatever is stored).
     pub async fn conversions_naming(
         &self,
         click_ids: &[&str],
-    ) -> clickhouse::error::Result<Vec<String>> {
-        let mut keys = Vec::new();
+    ) -> clickhouse::error::Result<Vec<Seed>> {
+        let mut seeds = Vec::new();
         for chunk in click_ids.chunks(IDS_PER_QUERY) {
-            keys.extend(
-                query_in(
-                    &self.client,
-                    "SELECT DISTINCT conversion_key FROM conversions_by_click WHERE click_id IN {ids}",
-                    chunk,
-                )
-                .with_setting("max_execution_time", self.timeout_secs())
-                    .with_setting("max_query_size", MAX_QUERY_SIZE)
-                    .fetch_all::<String>()
-                    .await?,
+            let rows: Vec<(String, String, u64)> = query_in(
+                &self.client,
+                "SELECT account_id, hex(customer_hash), occurred_at_ms FROM conversions_by_click \
+                 WHERE click_id IN {ids}",
+                chunk,
+            )
+            .with_setting("max_execution_time", self.timeout_secs())
+            .with_setting("max_query_size", MAX_QUERY_SIZE)
+            .fetch_all()
+            .await?;
+            seeds.extend(
+                rows.into_iter()
+                    .filter_map(|(account_id, hash, occurred_at_ms)| {
+                        let mut customer_hash = [0u8; 32];
+                        hex::decode_to_slice(&hash, &mut customer_hash).ok()?;
+                        Some(Seed {
+                            account_id,
+                            customer_hash,
+                            occurred_at_ms,
+                        })
+                    }),
             );
         }
-        Ok(keys)
+        Ok(seeds)
     }
 
     /// The attribution of the conversions `scope` names, computed anew

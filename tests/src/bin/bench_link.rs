@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 use consumer::config::Cli;
-use consumer::row::{ConversionRow, Stream};
+use consumer::row::ConversionRow;
 use consumer::writer::Writer;
 
 const ROUNDS: usize = 5;
@@ -171,8 +171,8 @@ async fn run_size(cli: &Cli, clicks: u64, conversions: u64, round_base: u64) -> 
             .collect();
         writer.claim("bench", &claimed).await.expect("claims");
         let t2 = Instant::now();
-        let keys: Vec<&str> = rows.iter().map(|r| r.conversion_key.as_str()).collect();
-        consumer::settle::after_store(&writer, Stream::Conversions, &keys)
+        let settled: Vec<&ConversionRow> = rows.iter().collect();
+        consumer::settle::after_store(&writer, &settled)
             .await
             .expect("settle");
         let t3 = Instant::now();
@@ -195,10 +195,13 @@ async fn run_size(cli: &Cli, clicks: u64, conversions: u64, round_base: u64) -> 
             .collect();
         ids.extend(named);
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        // What settle::after_store does for a click plan: the lookup, then the attribution
+        // of the conversions found.
         let t0 = Instant::now();
         let found = writer.conversions_naming(&ids).await.expect("lookup");
         let t1 = Instant::now();
-        consumer::settle::after_store(&writer, Stream::Clicks, &ids)
+        writer
+            .attribute(consumer::attribution::Scope::Customers(&found))
             .await
             .expect("settle clicks");
         click_lookup.push(t1 - t0);
